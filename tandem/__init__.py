@@ -1,0 +1,1 @@
+"""Tandem building blocks shared by jobs/ and serving/: RAG for knowledge, QLoRA for behaviour, on Ray."""

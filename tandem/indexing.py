@@ -165,6 +165,9 @@ def run_index(cfg, uri: str) -> dict:
     with PeakMemory() as memory:
         written = {"chunks_written": 0, "chunks_deleted": 0}
         if files:
+            # Small blocks keep the stages streaming: one big JSONL file must not become one block that each stage
+            # holds whole (the embedder would start only when every document was chunked).
+            ray.data.DataContext.get_current().target_max_block_size = cfg.index.block_bytes
             ds = ray.data.read_binary_files(files, include_paths=True, num_cpus=cfg.index.io_num_cpus)
             ds = ds.flat_map(lambda r: parse_file(r["path"], r["bytes"], root, cfg.corpus.max_bytes),
                              num_cpus=cfg.index.io_num_cpus)

@@ -188,33 +188,37 @@ def in_filter(field: str, values: Iterable[str]) -> str:
     return f"{field} in [{', '.join(quote(v) for v in values)}]"
 
 
+QUERY_WINDOW = 16384  # Milvus's largest result for one query; beyond it, page with an iterator
+
+
+def _iterate(client: MilvusClient, collection: str, filter: str, fields: list[str]) -> Iterator[dict]:
+    it = client.query_iterator(collection, batch_size=8192, filter=filter, output_fields=fields)
+    try:
+        while batch := it.next():
+            yield from batch
+    finally:
+        it.close()
+
+
+def _query_all(client: MilvusClient, collection: str, filter: str, fields: list[str]) -> list[dict]:
+    rows = client.query(collection, filter=filter, output_fields=fields, limit=QUERY_WINDOW)
+    return rows if len(rows) < QUERY_WINDOW else list(_iterate(client, collection, filter, fields))
+
+
 def stored_docs(client: MilvusClient, collection: str, doc_ids: list[str]) -> dict[str, tuple[set, int, int]]:
     """doc_id -> (doc hashes of its rows, row count, n_chunks recorded): enough to tell complete from partial."""
     out: dict[str, tuple[set, int, int]] = {}
     if not doc_ids:
         return out
-    it = client.query_iterator(collection, batch_size=4096, filter=in_filter("doc_id", doc_ids),
-                               output_fields=["doc_id", "doc_hash", "n_chunks"])
-    try:
-        while batch := it.next():
-            for row in batch:
-                hashes, count, n = out.get(row["doc_id"], (set(), 0, row["n_chunks"]))
-                hashes.add(row["doc_hash"])
-                out[row["doc_id"]] = (hashes, count + 1, n)
-    finally:
-        it.close()
+    for row in _query_all(client, collection, in_filter("doc_id", doc_ids), ["doc_id", "doc_hash", "n_chunks"]):
+        hashes, count, n = out.get(row["doc_id"], (set(), 0, row["n_chunks"]))
+        hashes.add(row["doc_hash"])
+        out[row["doc_id"]] = (hashes, count + 1, n)
     return out
 
 
 def all_doc_ids(client: MilvusClient, collection: str) -> set[str]:
-    ids: set[str] = set()
-    it = client.query_iterator(collection, batch_size=8192, output_fields=["doc_id"])
-    try:
-        while batch := it.next():
-            ids.update(row["doc_id"] for row in batch)
-    finally:
-        it.close()
-    return ids
+    return {row["doc_id"] for row in _iterate(client, collection, "", ["doc_id"])}
 
 
 def delete_docs(client: MilvusClient, collection: str, doc_ids: list[str], batch: int = 500) -> int:

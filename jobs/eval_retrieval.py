@@ -30,12 +30,15 @@ def evaluate(cfg, uri: str) -> dict:
     embedder = Embedder.from_config(cfg.embedder)
     client = MilvusClient(uri=uri)
     retriever = Retriever(client, cfg.store.collection, embedder.encode, dict(cfg.store.search_params), cfg.eval.rrf_k)
-    qids = list(queries)
+    qids = list(queries)[: cfg.eval.max_queries or None]
     results = {}
     for mode in cfg.eval.modes:
-        hits = retriever.search([queries[q] for q in qids], k=3 * cfg.eval.k, mode=mode)
-        ranked = {q: dedupe_docs([h.doc_id for h in hs])[: cfg.eval.k] for q, hs in zip(qids, hits)}
-        results[mode] = retrieval_metrics(ranked, qrels)
+        ranked = {}
+        for i in range(0, len(qids), cfg.eval.batch_size):
+            batch = qids[i : i + cfg.eval.batch_size]
+            hits = retriever.search([queries[q] for q in batch], k=3 * cfg.eval.k, mode=mode)
+            ranked.update({q: dedupe_docs([h.doc_id for h in hs])[: cfg.eval.k] for q, hs in zip(batch, hits)})
+        results[mode] = retrieval_metrics(ranked, {q: qrels[q] for q in qids})
     client.close()
     return {"dataset": str(cfg.eval.dataset), "queries": len(qids), "documents": summary["documents_read"],
             "chunks": summary["rows_after"], "metrics": results}

@@ -83,6 +83,8 @@ class EvalConfig:
     modes: list = field(default_factory=lambda: ["dense", "bm25", "hybrid"])
     k: int = 10
     rrf_k: int = 60
+    max_queries: int = 0  # 0: every query with qrels; else the first N
+    batch_size: int = 256  # queries per search call
     output: str = "${workdir}/eval-retrieval.json"
 
 

@@ -224,8 +224,7 @@ def all_doc_ids(client: MilvusClient, collection: str) -> set[str]:
 def delete_docs(client: MilvusClient, collection: str, doc_ids: list[str], batch: int = 500) -> int:
     deleted = 0
     for i in range(0, len(doc_ids), batch):
-        res = client.delete(collection, filter=in_filter("doc_id", doc_ids[i : i + batch]))
-        deleted += int(res.get("delete_count", 0))
+        deleted += _delete_count(client.delete(collection, filter=in_filter("doc_id", doc_ids[i : i + batch])))
     return deleted
 
 
@@ -234,7 +233,12 @@ def delete_tails(client: MilvusClient, collection: str, tails: dict[str, int]) -
     if not tails:
         return 0
     expr = " or ".join(f"(doc_id == {quote(d)} and chunk_no >= {n})" for d, n in tails.items())
-    return int(client.delete(collection, filter=expr).get("delete_count", 0))
+    return _delete_count(client.delete(collection, filter=expr))
+
+
+def _delete_count(result) -> int:
+    """A Milvus server answers {"delete_count": n}; Milvus Lite the list of deleted keys (or {} for none)."""
+    return int(result.get("delete_count", 0)) if isinstance(result, dict) else len(result)
 
 
 class MilvusDatasink(Datasink):

@@ -10,7 +10,6 @@ import tempfile
 from pathlib import Path
 
 from omegaconf import OmegaConf
-from pymilvus import MilvusClient
 
 from tandem.config import config_from_argv, require
 from tandem.embedding import Embedder
@@ -18,7 +17,7 @@ from tandem.evaluation import dedupe_docs, load_beir, retrieval_metrics
 from tandem.indexing import run_index
 from tandem.retrieval import Retriever
 from tandem.runtime import ray_session, write_json
-from tandem.store import milvus_endpoint
+from tandem.store import connect, milvus_endpoint
 
 
 def evaluate(cfg, uri: str) -> dict:
@@ -28,7 +27,7 @@ def evaluate(cfg, uri: str) -> dict:
         index_cfg = OmegaConf.merge(cfg, {"corpus": {"path": tmp}})
         summary = run_index(index_cfg, uri)
     embedder = Embedder.from_config(cfg.embedder)
-    client = MilvusClient(uri=uri)
+    client = connect(uri)
     retriever = Retriever(client, cfg.store.collection, embedder.encode, dict(cfg.store.search_params), cfg.eval.rrf_k)
     qids = list(queries)[: cfg.eval.max_queries or None]
     results = {}

@@ -20,7 +20,7 @@ def format_summary(s: dict) -> str:
         f"{s['documents_unchanged']} unchanged, {s['documents_skipped']} skipped",
         f"  chunks: {s['chunks_written']} written, {s['chunks_deleted']} deleted ({s['chunks_pruned']} pruned); "
         f"rows {s['rows_before']} -> {s['rows_after']}",
-        f"  {s['elapsed_s']} s, {s['chunks_per_s']} chunks/s, peak RSS {s['peak_rss_mb']} MiB",
+        f"  {s['elapsed_s']} s, {s['chunks_per_s']} chunks/s, peak memory (PSS) {s['peak_memory_mb']} MiB",
     ]
     lines += [f"  skipped {r['source']}: {r['reason']}" for r in s["skipped"]]
     return "\n".join(lines)

@@ -61,7 +61,8 @@ class ChunkingConfig:
 @dataclass
 class CorpusConfig:
     path: Optional[str] = None
-    extensions: list = field(default_factory=lambda: [".txt", ".md", ".rst", ".html", ".htm", ".jsonl", ".pdf"])
+    extensions: list = field(default_factory=lambda: [".txt", ".md", ".rst", ".html", ".htm", ".jsonl", ".pdf",
+                                                      ".txt.gz", ".md.gz", ".rst.gz", ".jsonl.gz"])
     max_bytes: int = 20_000_000  # a bigger file is reported and skipped
 
 

@@ -6,6 +6,7 @@ JSONL line that cannot be used yields a row whose `error` says why, so the job c
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 from dataclasses import asdict, dataclass
@@ -128,6 +129,12 @@ def parse_file(path: str, data: bytes, root: str, max_bytes: int) -> list[dict]:
     """Turn one file into document rows (a JSONL file gives many). The doc id of a plain file is its path under root."""
     rel = str(PurePosixPath(path).relative_to(root)) if path.startswith(root) else path
     suffix = PurePosixPath(path).suffix.lower()
+    if suffix == ".gz":  # compressed docs, as Debian ships them: read as the file inside
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as e:
+            return [rejected(rel, f"broken gzip: {e}", rel)]
+        suffix = PurePosixPath(path[:-3]).suffix.lower()
     if len(data) > max_bytes:
         return [rejected(rel, f"over the size limit: {len(data)} bytes > corpus.max_bytes={max_bytes}", rel)]
     if not data.strip():

@@ -14,7 +14,7 @@ def load_beir(root: str | Path, split: str = "test") -> tuple[Path, dict[str, st
     corpus, qfile, qrels_file = root / "corpus.jsonl", root / "queries.jsonl", root / "qrels" / f"{split}.tsv"
     for p in (corpus, qfile, qrels_file):
         if not p.is_file():
-            raise SystemExit(f"error: {p} is missing; a BEIR dataset has corpus.jsonl, queries.jsonl, qrels/{split}.tsv")
+            raise SystemExit(f"error: {p} is missing (BEIR: corpus.jsonl, queries.jsonl, qrels/{split}.tsv)")
     qrels: dict[str, dict[str, int]] = {}
     with qrels_file.open() as f:
         for row in csv.DictReader(f, delimiter="\t"):

@@ -23,7 +23,7 @@ from pymilvus import MilvusClient
 from tandem.chunking import Chunker, chunk_id, doc_hash, load_tokenizer
 from tandem.documents import parse_file
 from tandem.embedding import Embedder, embedding_dim, resolve_model_path
-from tandem.store import (CollectionSpec, MilvusDatasink, all_doc_ids, delete_docs, ensure_collection,
+from tandem.store import (CollectionSpec, MilvusDatasink, all_doc_ids, connect, delete_docs, ensure_collection,
                           stored_docs)
 
 CHUNK_SCHEMA = pa.schema([
@@ -61,7 +61,7 @@ class PrepareChunks:
 
     def __init__(self, uri: str, collection: str, tokenizer_dir: str, max_tokens: int, overlap: int,
                  embedder_id: str, ledger):
-        self.client = MilvusClient(uri=uri)
+        self.client = connect(uri)
         self.collection = collection
         self.chunker = Chunker(load_tokenizer(tokenizer_dir), max_tokens, overlap)
         self.signature = f"{self.chunker.signature()}|{embedder_id}"
@@ -91,17 +91,27 @@ class PrepareChunks:
 
 
 class EmbedChunks:
-    """Loads the model on the first non-empty batch, so re-indexing an unchanged corpus never pays for it."""
+    """Loads the model in a background thread from the start, so loading overlaps reading and chunking; a re-index
+    of an unchanged corpus never waits for it."""
 
     def __init__(self, embedder_cfg, dim: int):
-        self.cfg = embedder_cfg
         self.dim = dim
-        self.embedder: Embedder | None = None
+        self._loaded: dict = {}
+        self._loader = threading.Thread(target=self._load, args=(embedder_cfg,), daemon=True)
+        self._loader.start()
+
+    def _load(self, cfg) -> None:
+        try:
+            self._loaded["embedder"] = Embedder.from_config(cfg)
+        except Exception as e:  # re-raised on the first batch that needs the model
+            self._loaded["error"] = e
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if batch.num_rows:
-            self.embedder = self.embedder or Embedder.from_config(self.cfg)
-            vectors = self.embedder.encode(batch.column("text").to_pylist())
+            self._loader.join()
+            if "error" in self._loaded:
+                raise self._loaded["error"]
+            vectors = self._loaded["embedder"].encode(batch.column("text").to_pylist())
         else:
             vectors = np.zeros((0, self.dim), np.float32)
         dense = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), self.dim)
@@ -112,12 +122,13 @@ def list_corpus(root: str, extensions: list[str]) -> list[str]:
     base = Path(root).expanduser().resolve()
     if not base.is_dir():
         raise SystemExit(f"error: corpus.path={root} is not a directory")
-    exts = {e.lower() for e in extensions}
-    return sorted(str(p) for p in base.rglob("*") if p.is_file() and p.suffix.lower() in exts)
+    exts = tuple(e.lower() for e in extensions)
+    return sorted(str(p) for p in base.rglob("*") if p.is_file() and p.name.lower().endswith(exts))
 
 
 class PeakMemory:
-    """Peak RSS of this process and its children (the local Ray workers and the Milvus Lite server)."""
+    """Peak memory of this process and its children (the local Ray workers and the Milvus Lite server), summed as
+    PSS so that the pages they share (libraries, Ray's object store) are counted once."""
 
     def __init__(self, interval_s: float = 0.5):
         import psutil
@@ -131,7 +142,7 @@ class PeakMemory:
         total = 0
         for p in [self._proc, *self._proc.children(recursive=True)]:
             try:
-                total += p.memory_info().rss
+                total += p.memory_full_info().pss
             except Exception:  # a worker that exited between listing and reading
                 pass
         return total
@@ -155,7 +166,7 @@ def run_index(cfg, uri: str) -> dict:
     files = list_corpus(cfg.corpus.path, list(cfg.corpus.extensions))
     model_dir = resolve_model_path(cfg.embedder.model)
     dim = embedding_dim(model_dir) or Embedder.from_config(cfg.embedder).dim
-    client = MilvusClient(uri=uri)
+    client = connect(uri)
     ensure_collection(client, CollectionSpec.from_config(cfg.store, dim))
     rows_before = _count(client, cfg.store.collection)
 
@@ -211,7 +222,7 @@ def run_index(cfg, uri: str) -> dict:
         "rows_after": rows_after,
         "elapsed_s": round(elapsed, 2),
         "chunks_per_s": round(written["chunks_written"] / elapsed, 1) if elapsed else 0.0,
-        "peak_rss_mb": round(memory.peak / 2**20),
+        "peak_memory_mb": round(memory.peak / 2**20),
     }
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -86,11 +85,21 @@ def milvus_endpoint(uri: str, start_timeout_s: float = 60.0) -> Iterator[str]:
             proc.kill()
 
 
+# pymilvus pings every 10 s even when idle; servers with gRPC's default policy (Milvus Lite's among them) answer an
+# idle client's pings with GOAWAY "too_many_pings" and the next call fails. Five and a half minutes is within it.
+GRPC_OPTIONS = {"grpc.keepalive_time_ms": 330_000}
+
+
+def connect(uri: str) -> MilvusClient:
+    """A client for a Milvus server URI (a served Milvus Lite included)."""
+    return MilvusClient(uri=uri, grpc_options=GRPC_OPTIONS)
+
+
 @contextmanager
 def local_or_server(uri: str) -> Iterator[MilvusClient]:
     """A client in this process: Milvus Lite opened directly, or a server. Closes (and unlocks) on exit."""
     if is_server_uri(uri):
-        client = MilvusClient(uri=uri)
+        client = connect(uri)
         try:
             yield client
         finally:
@@ -254,7 +263,7 @@ class MilvusDatasink(Datasink):
         self.totals = {"chunks_written": 0, "chunks_deleted": 0}
 
     def write(self, blocks, ctx) -> dict:
-        client = MilvusClient(uri=self.uri)
+        client = connect(self.uri)
         written = deleted = 0
         try:
             for block in blocks:
@@ -273,7 +282,7 @@ class MilvusDatasink(Datasink):
         for ret in write_result.write_returns:
             for k in self.totals:
                 self.totals[k] += ret[k]
-        client = MilvusClient(uri=self.uri)
+        client = connect(self.uri)
         try:
             client.flush(self.collection)
         finally:

@@ -10,14 +10,13 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from pymilvus import MilvusClient
 
 from conftest import write_corpus
 from jobs.index import main as index_main
 from tandem.chunking import Chunker, load_tokenizer
 from tandem.embedding import resolve_model_path
-from tandem.store import local_or_server
+from tandem.store import connect, local_or_server
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -100,7 +99,7 @@ def test_reindex_changes_and_prune(ray_cluster, milvus_server, tmp_path, wiki_ro
     assert len(expected_chunks([longest])) > 1, "the longest summary must span several chunks"
     corpus = write_corpus(tmp_path / "corpus", rows)
     args = [f"corpus.path={corpus}", f"store.uri={milvus_server}", "store.collection=changes"]
-    client = MilvusClient(uri=milvus_server)
+    client = connect(milvus_server)
 
     first = index_main(args)
     assert first["documents_indexed"] == 30
@@ -134,7 +133,7 @@ def test_killed_job_resumes_without_duplicates_or_gaps(ray_cluster, milvus_serve
     args = [f"corpus.path={corpus}", f"store.uri={milvus_server}", "store.collection=resume",
             "embedder.batch_size=16", "store.write_batch_size=16", "index.prepare_batch_size=16"]
     env = dict(os.environ, RAY_ADDRESS=ray_cluster, PYTHONPATH=str(REPO))
-    client = MilvusClient(uri=milvus_server)
+    client = connect(milvus_server)
     job = subprocess.Popen([sys.executable, "-m", "jobs.index", *args], cwd=REPO, env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     total = len(expected_chunks(rows))

@@ -7,12 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from pymilvus import MilvusClient
 
 from conftest import DATA, write_corpus
 from jobs.eval_retrieval import main as eval_main
 from jobs.index import main as index_main
 from tandem.retrieval import Retriever
+from tandem.store import connect
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -27,7 +27,7 @@ def wiki_index(ray_cluster, milvus_server, tmp_path_factory, wiki_rows):
 
 @pytest.fixture(scope="module")
 def retriever(wiki_index, milvus_server, embedder):
-    client = MilvusClient(uri=milvus_server)
+    client = connect(milvus_server)
     yield Retriever(client, "wiki", embedder.encode)
     client.close()
 

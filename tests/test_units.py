@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+
 import pytest
 from hydra.errors import ConfigCompositionException
 
@@ -56,6 +58,9 @@ def test_parse_file_formats_and_reasons():
     assert rows[0]["doc_id"] == "1" and rows[0]["meta"] == '{"lang": "en"}'
     assert rows[1]["error"].startswith("broken JSON line") and rows[1]["source"] == "d.jsonl:3"
     assert "size limit" in parse_file("/c/big.txt", b"x" * 11, "/c", 10)[0]["error"]
+    rst = parse_file("/c/doc.rst.gz", gzip.compress(b"Title\n=====\n\nBody."), "/c", 1000)[0]
+    assert (rst["doc_id"], rst["title"], rst["error"]) == ("doc.rst.gz", "Title", "")
+    assert "broken gzip" in parse_file("/c/x.txt.gz", b"not gzip", "/c", 1000)[0]["error"]
 
 
 def test_embedding_dim_from_module_configs():

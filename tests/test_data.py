@@ -1,0 +1,124 @@
+"""Training data: validation reasons, the versioned store, and `jobs.dataset` with the real base tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jobs.dataset import main as dataset_main
+from tandem.data.store import DatasetStore
+from tandem.data.validation import validate_rows
+
+
+def chat(user: str, answer: str, **extra) -> str:
+    return json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
+                       **extra})
+
+
+def words(n: int) -> str:
+    return " ".join(f"w{i}" for i in range(n))
+
+
+def count_words(messages) -> int:
+    return sum(len(m["content"].split()) for m in messages)
+
+
+def cut_words(messages, max_tokens):
+    budget = max_tokens - count_words(messages[:-1])
+    return None if budget <= 0 else messages[:-1] + [
+        {"role": "assistant", "content": " ".join(messages[-1]["content"].split()[:budget])}]
+
+
+def test_each_bad_row_is_rejected_with_its_reason():
+    lines = [
+        chat("What is Ray?", "A distributed runtime."),
+        "{not json",
+        json.dumps(["a", "list"]),
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "beep"}]}),
+        json.dumps({"messages": [{"role": "assistant", "content": "I start"}, {"role": "user", "content": "no"}]}),
+        json.dumps({"messages": [{"role": "user", "content": "only a question"}]}),
+        chat("Empty answer?", "   "),
+        chat("Long?", words(50)),
+        chat("What is Ray?", "A distributed runtime."),  # exact duplicate of line 1
+        chat("What is Ray??", "a distributed runtime, I'd say!"),  # near duplicate (one word more)
+        json.dumps({"prompt": "Milvus?", "response": "A vector database.", "system": "Be brief."}),
+        json.dumps({"text": "no schema"}),
+        chat("Send it to me", "Write to jane.doe@example.com with key AKIAABCDEFGHIJKLMNOP"),
+    ]
+    result = validate_rows(lines, count_words, max_tokens=20, pii="drop", eval_fraction=0.0,
+                           near_duplicate_threshold=0.5)
+    reasons = {r.line: r.reason for r in result.rejected}
+    assert reasons[2].startswith("bad JSON")
+    assert reasons[3].startswith("bad schema: a row must be a JSON object")
+    assert reasons[4] == "bad role: robot (expected system, user, assistant)"
+    assert reasons[5].startswith("bad role order: turns must alternate")
+    assert reasons[6].startswith("bad role order: the last turn must be the assistant's")
+    assert reasons[7].startswith("empty turn")
+    assert reasons[8].startswith("too long: 51 tokens")
+    assert reasons[9] == "exact duplicate: exact copy of line 1 (train)"
+    assert reasons[10] == "near duplicate: near copy of line 1 (train)"
+    assert reasons[12].startswith("bad schema: expected messages")
+    assert "email address" in reasons[13] and "AWS access key" in reasons[13]
+    assert [r["line"] for r in result.rows] == [1, 11]
+    assert result.rows[1]["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert result.seen == 13 and len(result.rejected) == 11
+    assert "line 8: too long" in result.report()
+
+
+def test_flag_truncate_near_duplicates_and_split_overlap():
+    base = "Ray Data streams blocks of rows between operators so that reading, transforming and writing overlap"
+    lines = [
+        chat("Tell me about Ray Data", base, split="train"),
+        chat("Tell me about Ray Data", base + " nicely", split="eval"),  # near copy across splits
+        chat("Card?", "It is 4111 1111 1111 1111."),
+        chat("Long?", words(50)),
+    ]
+    result = validate_rows(lines, count_words, max_tokens=30, pii="flag", on_too_long="truncate",
+                           truncate=cut_words, near_duplicate_threshold=0.8)
+    reasons = {r.line: r.reason for r in result.rejected}
+    assert reasons == {2: "train/eval overlap: near copy of line 1 (train)"}
+    kept = {r["line"]: r for r in result.rows}
+    assert kept[3]["flags"] == ["payment card number"]
+    assert count_words(kept[4]["messages"]) == 30
+
+
+def test_store_versions_are_immutable_content_addressed_and_resolvable(tmp_path):
+    store = DatasetStore(tmp_path)
+    rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+             "split": "train", "line": 1, "flags": [], "tokens": 7}]
+    v1, new = store.add("demo", rows, source="a.jsonl", rejected=[], tokenizer="tok")
+    assert new and v1.manifest()["rows"]["train"] == 1
+    again, new = store.add("demo", rows, source="a.jsonl", rejected=[], tokenizer="tok")
+    assert not new and again.version == v1.version
+    v2, new = store.add("demo", rows + [{**rows[0], "split": "eval", "line": 2}], source="b.jsonl", rejected=[],
+                        tokenizer="tok", parent=v1.ref)
+    assert new and v2.version != v1.version and v2.manifest()["parent"] == v1.ref
+    assert store.resolve("demo@latest").version == v2.version == store.resolve("demo").version
+    assert store.resolve(f"demo@{v1.version[:6]}").version == v1.version
+    assert store.resolve(v1.ref).rows("train") == rows
+    with pytest.raises(LookupError, match="no dataset named"):
+        store.resolve("nope@latest")
+    with pytest.raises(LookupError, match="no single version"):
+        store.resolve("demo@ffffff")
+    assert [item["ref"] for item in store.list()] == [v1.ref, v2.ref]
+
+
+def test_dataset_job_with_the_base_tokenizer(workdir, tmp_path, capsys):
+    good = [chat(f"Question {i} about {topic}?", f"Answer {i}: {topic} is covered in chapter {i}.")
+            for i, topic in enumerate(["Ray", "Milvus", "PEFT", "DeepSpeed", "LoRA", "Serve", "Train", "Data"])]
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(good + ["{broken", chat("too long", words(3000))]) + "\n")
+    manifest = dataset_main(["add", "dataset.name=demo", f"dataset.path={path}", "dataset.max_tokens=512",
+                             "dataset.max_reject_fraction=0.3"])
+    assert manifest["rows"]["total"] == 8 and manifest["rows"]["rejected"] == 2
+    assert manifest["tokens"]["max"] < 512 and manifest["tokens"]["min"] > 20  # chat template included
+    listing = dataset_main(["list"])
+    assert listing[-1]["ref"] == f"demo@{manifest['version']}"
+    assert dataset_main(["show", "dataset.ref=demo@latest"])["version"] == manifest["version"]
+
+    path.write_text("\n".join(good[:2] + ["{broken"] * 3) + "\n")
+    with pytest.raises(SystemExit, match="60.0% of rows rejected"):
+        dataset_main(["add", "dataset.name=demo", f"dataset.path={path}"])
+    assert "bad JSON" in capsys.readouterr().out
+    assert len(dataset_main(["list"])) == 1  # nothing stored for the failed batch

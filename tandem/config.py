@@ -127,6 +127,39 @@ class DatasetConfig:
 
 
 @dataclass
+class LoraSettings:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                          "up_proj", "down_proj"])
+
+
+@dataclass
+class TrainConfig:
+    name: Optional[str] = None  # run name; default: <dataset>-<time>
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    quantization: str = "nf4"  # nf4 (QLoRA, double quantization) | int8 | none (bf16/fp32 LoRA)
+    deepspeed: Optional[str] = "zero2"  # a file in conf/deepspeed/ or a path; null: plain DDP
+    gradient_checkpointing: bool = True
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    batch_size: int = 4  # per worker, per step
+    grad_accum: int = 1
+    epochs: int = 1
+    max_steps: int = 0  # 0: epochs decide
+    max_length: int = 512
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 2
+    max_failures: int = 2
+    seed: int = 0
+    storage_path: str = "${workdir}/ray_results"
+    adapters_dir: str = "${workdir}/adapters"
+
+
+@dataclass
 class TandemConfig:
     workdir: str = "${oc.env:TANDEM_HOME,.tandem}"
     ray: RayConfig = field(default_factory=RayConfig)
@@ -140,6 +173,8 @@ class TandemConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
 
 
 # `conf/base.yaml` starts from this schema (its defaults list names it), so every key in it can be overridden and

@@ -96,3 +96,39 @@ def load_tokenizer(base: BaseModel):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(base.path)
+
+
+def quantization_config(kind: str, compute_dtype):
+    """4-bit NF4 with double quantization (QLoRA), 8-bit, or none."""
+    from transformers import BitsAndBytesConfig
+
+    if kind == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    if kind == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if kind == "none":
+        return None
+    raise ValueError(f"unknown quantization {kind!r}; expected nf4, int8 or none")
+
+
+def load_for_training(base_path: str | Path, quantization: str, device, lora, gradient_checkpointing: bool):
+    """Base model (quantized when asked) with trainable LoRA adapters: bf16 compute on GPU, fp32 on CPU."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    quant = quantization_config(quantization, dtype)
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, quantization_config=quant,
+                                                 device_map={"": device})
+    if quant is not None:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, config)

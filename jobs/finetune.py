@@ -1,0 +1,65 @@
+"""Distributed QLoRA fine-tuning on Ray Train with DeepSpeed.
+
+    ray job submit -- python -m jobs.finetune dataset.ref=NAME@VERSION [train.num_workers=2] [train.use_gpu=true]
+        [train.quantization=nf4|int8|none] [train.deepspeed=zero2|null] [train.max_steps=N] [lora.r=8] ...
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from tandem.adapters import publish_adapter
+from tandem.config import config_from_argv, require
+from tandem.data.features import build_features
+from tandem.data.store import DatasetStore
+from tandem.models import load_tokenizer, prepare_base
+from tandem.runtime import ray_session, write_json
+from tandem.training import check_deepspeed_config, deepspeed_config_path, make_trainer
+
+
+def code_version() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = config_from_argv("finetune", sys.argv[1:] if argv is None else argv)
+    ref = require(cfg.dataset.ref, "dataset.ref")
+    ds_path = deepspeed_config_path(cfg.train.deepspeed)
+    ds = json.loads(ds_path.read_text()) if ds_path else None
+    check_deepspeed_config(ds, cfg.train.quantization)
+    version = DatasetStore(cfg.dataset.root).resolve(ref)
+    base = prepare_base(cfg.model.path, cfg.model.cache_dir, cfg.model.dtype)
+    tokenizer = load_tokenizer(base)
+    features = build_features(version.rows(), tokenizer, cfg.train.max_length,
+                              version.path / "features" / f"{base.sha256[:12]}-{cfg.train.max_length}.parquet")
+    run_name = cfg.train.name or f"{version.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    config = {"train": OmegaConf.to_container(cfg.train), "lora": OmegaConf.to_container(cfg.lora),
+              "base_path": str(base.path), "features": str(features), "deepspeed": ds,
+              "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id}
+    with ray_session(cfg.ray):
+        result = make_trainer(cfg, config, run_name).fit()
+    if result.error:
+        raise SystemExit(f"error: training failed: {result.error}")
+    with result.checkpoint.as_directory() as ckpt:
+        manifest = publish_adapter(
+            Path(ckpt) / "adapter", Path(cfg.train.adapters_dir) / run_name,
+            {"name": run_name, "base": base.manifest(), "dataset": version.ref, "metrics": result.metrics,
+             "config": {"train": config["train"], "lora": config["lora"], "deepspeed": ds},
+             "code_version": code_version(), "checkpoint": result.checkpoint.path})
+    print(json.dumps({k: manifest[k] for k in ("name", "path", "sha256", "dataset", "metrics")}, indent=2))
+    write_json(Path(manifest["path"]) / "train-result.json", {"metrics": result.metrics})
+    return manifest
+
+
+if __name__ == "__main__":
+    main()

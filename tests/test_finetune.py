@@ -1,0 +1,68 @@
+"""A real 2-worker Ray Train QLoRA + DeepSpeed ZeRO-2 run on CPU, killed half way and resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from jobs.dataset import main as dataset_main
+from jobs.finetune import main as finetune_main
+from tandem.adapters import verify_adapter
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(workdir, wiki_rows, tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("train") / "tiny.jsonl"
+    with path.open("w") as f:
+        for r in wiki_rows[:24]:
+            first = r["text"].split(". ")[0].rstrip(".") + "."
+            f.write(json.dumps({"prompt": f"In one sentence, what is {r['title']}?", "response": first}) + "\n")
+    manifest = dataset_main(["add", "dataset.name=tiny", f"dataset.path={path}", "dataset.max_tokens=256",
+                             "dataset.eval_fraction=0.15"])
+    return f"tiny@{manifest['version']}"
+
+
+def test_zero3_with_4bit_is_refused(tiny_dataset):
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        finetune_main([f"dataset.ref={tiny_dataset}", "train.deepspeed=zero3", "train.quantization=nf4"])
+
+
+def test_qlora_deepspeed_two_workers_resumes_after_a_worker_is_killed(ray_cluster, workdir, tiny_dataset):
+    import psutil
+
+    run = "tiny-qlora"
+    args = [f"dataset.ref={tiny_dataset}", f"train.name={run}", "train.num_workers=2", "train.max_steps=6",
+            "train.checkpoint_every=2", "train.batch_size=2", "train.max_length=128", "train.max_failures=1",
+            "train.lr=1e-3"]
+    outcome: dict = {}
+    job = threading.Thread(target=lambda: outcome.update(manifest=finetune_main(args)), daemon=True)
+    job.start()
+    snapshot = workdir / "ray_results" / run / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + 600
+    while not (snapshot.is_file() and json.loads(snapshot.read_text())["checkpoint_results"]):
+        assert job.is_alive(), "training ended before it could be interrupted"
+        assert time.monotonic() < deadline
+        time.sleep(0.2)  # the controller has registered a checkpoint: a restart can resume from it
+    workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    assert len(workers) == 2, [p.info["cmdline"] for p in workers]
+    os.kill(workers[1].pid, signal.SIGKILL)
+    job.join(timeout=900)
+    assert not job.is_alive()
+
+    manifest = outcome["manifest"]
+    metrics = manifest["metrics"]
+    assert metrics["step"] == 6
+    assert metrics["resumed_from"] in (2, 4)  # restarted from the last checkpoint, not from scratch
+    assert metrics["eval_loss"] is not None and metrics["loss"] > 0
+    assert manifest["dataset"] == tiny_dataset and manifest["config"]["deepspeed"]["zero_optimization"]["stage"] == 2
+    assert verify_adapter(manifest["path"], manifest["base"]["sha256"])["sha256"] == manifest["sha256"]
+    with pytest.raises(ValueError, match="trained on base"):
+        verify_adapter(manifest["path"], "0" * 64)
+    config = json.loads((Path(manifest["path"]) / "adapter_config.json").read_text())
+    assert config["r"] == 8 and "q_proj" in config["target_modules"]

@@ -66,8 +66,9 @@ def train_loop(config: dict) -> None:
     t = config["train"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = torch.device("cuda", ctx.get_local_rank()) if use_gpu and torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
+    device = torch.device("cpu")
+    if use_gpu and torch.cuda.is_available():  # a GPU worker on a node without CUDA falls back to the CPU
+        device = torch.device("cuda", ctx.get_local_rank())
         torch.cuda.set_device(device)
     torch.manual_seed(t["seed"])
     lora = type("Lora", (), config["lora"])

@@ -112,7 +112,7 @@ def quantization_config(kind: str, compute_dtype):
     raise ValueError(f"unknown quantization {kind!r}; expected nf4, int8 or none")
 
 
-def load_for_training(base_path: str | Path, quantization: str, device, lora, gradient_checkpointing: bool):
+def load_for_training(base_path: str | Path, quantization: str, device, lora: dict, gradient_checkpointing: bool):
     """Base model (quantized when asked) with trainable LoRA adapters: bf16 compute on GPU, fp32 on CPU."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -129,6 +129,6 @@ def load_for_training(base_path: str | Path, quantization: str, device, lora, gr
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.config.use_cache = False
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                        target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM")
     return get_peft_model(model, config)

@@ -71,8 +71,8 @@ def train_loop(config: dict) -> None:
         device = torch.device("cuda", ctx.get_local_rank())
         torch.cuda.set_device(device)
     torch.manual_seed(t["seed"])
-    lora = type("Lora", (), config["lora"])
-    model = load_for_training(config["base_path"], t["quantization"], device, lora, t["gradient_checkpointing"])
+    model = load_for_training(config["base_path"], t["quantization"], device, config["lora"],
+                              t["gradient_checkpointing"])
 
     table = pq.read_table(config["features"])
     rows = [r for r in table.to_pylist() if r["split"] == "train"]

@@ -23,6 +23,7 @@ from tandem.config import load_config  # noqa: E402
 from tandem.datasets import wiki  # noqa: E402
 from tandem.documents import clean_text  # noqa: E402
 from tandem.embedding import Embedder, resolve_model_path  # noqa: E402
+from tandem.runtime import write_json  # noqa: E402
 
 
 def main() -> dict:
@@ -74,9 +75,7 @@ def main() -> dict:
         "peak_memory_mb": first["peak_memory_mb"],
     }
     print(json.dumps(result, indent=2))
-    out = Path(__file__).parent / "results" / "index.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(Path(__file__).parent / "results" / "index.json", result)
     return result
 
 

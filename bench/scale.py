@@ -21,6 +21,7 @@ from jobs.index import main as index_main  # noqa: E402
 from tandem.config import load_config  # noqa: E402
 from tandem.embedding import Embedder  # noqa: E402
 from tandem.retrieval import Retriever  # noqa: E402
+from tandem.runtime import write_json  # noqa: E402
 from tandem.store import connect, milvus_endpoint  # noqa: E402
 
 
@@ -76,9 +77,7 @@ def main() -> dict:
             result[f"{mode}_p99_ms"] = round(percentile(latencies, 0.99), 1)
         client.close()
     print(json.dumps(result, indent=2))
-    out = Path(__file__).parent / "results" / "scale.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(Path(__file__).parent / "results" / "scale.json", result)
     return result
 
 

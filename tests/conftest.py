@@ -25,7 +25,8 @@ def workdir(tmp_path_factory) -> Path:
 def ray_cluster(workdir):
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # One fake GPU: GPU-requesting actors get scheduled as on a GPU node, and must fall back to the CPU inside.
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

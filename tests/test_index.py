@@ -98,7 +98,8 @@ def test_reindex_changes_and_prune(ray_cluster, milvus_server, tmp_path, wiki_ro
     long_doc = len(rows) - 1
     assert len(expected_chunks([longest])) > 1, "the longest summary must span several chunks"
     corpus = write_corpus(tmp_path / "corpus", rows)
-    args = [f"corpus.path={corpus}", f"store.uri={milvus_server}", "store.collection=changes"]
+    # The GPU path: each embedding actor asks Ray for a GPU (a fake one here) and finds no CUDA inside.
+    args = [f"corpus.path={corpus}", f"store.uri={milvus_server}", "store.collection=changes", "embedder.num_gpus=1"]
     client = connect(milvus_server)
 
     first = index_main(args)

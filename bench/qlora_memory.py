@@ -1,7 +1,9 @@
-"""Peak training memory of QLoRA (4-bit NF4 base + LoRA) vs bf16 LoRA vs full fine-tuning, same model and batch.
+"""Memory of QLoRA (4-bit NF4 base + LoRA) vs bf16 LoRA vs full bf16 fine-tuning, same model and batch.
 
-Each variant runs in its own process (peak RSS is per process) for a few AdamW steps; the figure is the peak RSS
-above the process's RSS after imports, i.e. what the model, adapters, optimizer and activations cost.
+Each variant runs in its own process for a few AdamW steps. `model_mb` is the model's tensor bytes
+(`get_memory_footprint`). `peak_mb` is, on a GPU, `torch.cuda.max_memory_allocated` (model, adapters, optimizer
+state, activations); on a CPU the process's peak RSS above its RSS after imports, which also holds the allocator's
+and kernels' own overhead (~1 GB here) and so understates the differences.
 
     python bench/qlora_memory.py [--steps 3] [--seq 256] [--batch 1]
 """
@@ -31,29 +33,30 @@ def run_variant(variant: str, base_path: str, steps: int, seq: int, batch: int) 
     quant, lora = VARIANTS[variant]
     torch.manual_seed(0)
     before = psutil.Process().memory_info().rss
-    device = torch.device("cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if lora:
         settings = LoraSettings()
         model = load_for_training(base_path, quant, device, {"r": settings.r, "alpha": settings.alpha,
                                   "dropout": settings.dropout, "target_modules": settings.target_modules},
-                                  gradient_checkpointing=True)
-        if quant == "none":
-            model = model.to(torch.bfloat16)
+                                  gradient_checkpointing=True, dtype=torch.bfloat16)
     else:
-        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.bfloat16).to(device)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    loaded = psutil.Process().memory_info().rss
+    footprint = model.get_memory_footprint()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    ids = torch.randint(100, 30000, (batch, seq))
+    ids = torch.randint(100, 30000, (batch, seq), device=device)
     for _ in range(steps):
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"variant": variant, "model_mb": round((loaded - before) / 2**20),
-            "peak_mb": round((peak - before) / 2**20), "trainable_params": sum(p.numel() for p in params),
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    return {"variant": variant, "device": device.type, "model_mb": round(footprint / 2**20),
+            "peak_mb": round(peak / 2**20), "trainable_params": sum(p.numel() for p in params),
             "final_loss": round(loss.item(), 3)}
 
 

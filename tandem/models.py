@@ -112,13 +112,14 @@ def quantization_config(kind: str, compute_dtype):
     raise ValueError(f"unknown quantization {kind!r}; expected nf4, int8 or none")
 
 
-def load_for_training(base_path: str | Path, quantization: str, device, lora: dict, gradient_checkpointing: bool):
+def load_for_training(base_path: str | Path, quantization: str, device, lora: dict, gradient_checkpointing: bool,
+                      dtype=None):
     """Base model (quantized when asked) with trainable LoRA adapters: bf16 compute on GPU, fp32 on CPU."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     quant = quantization_config(quantization, dtype)
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, quantization_config=quant,
                                                  device_map={"": device})

@@ -99,7 +99,7 @@ class SearchConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "wiki"  # python_faq | wiki | wiki_beir
+    dataset: str = "wiki"  # wiki | wiki_beir | python_faq | rag_json
     source: Optional[str] = None  # where the raw data lies; None: its packaged or Debian location
     out: str = "${workdir}/data/${data.dataset}"
 

@@ -4,6 +4,8 @@
   imported) -> `wiki.jsonl`, the demo corpus.
 - `wiki_beir`: the same summaries as a BEIR set whose queries are the Wikidata short descriptions ("1968 film by
   Stanley Kubrick"), kept where a description names exactly one article; the description is not indexed.
+- `rag_json`: the demo behaviour task: questions about one summary, answered from three numbered passages (the
+  right one and two others) as strict JSON `{"answer", "sources"}` (tandem/prompts.py).
 - `python_faq`: Debian's `python3.11-doc` FAQ (`html/_sources/faq/*.rst.txt`): each question heading is a query, the
   answer under it is its one relevant document.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import random
 import re
 from collections import Counter
 from pathlib import Path
@@ -105,4 +108,28 @@ def python_faq(out: Path, source: str | None = None) -> dict:
     return write_beir(out, corpus, queries, qrels)
 
 
-BUILDERS = {"wiki": wiki, "wiki_beir": wiki_beir, "python_faq": python_faq}
+def _lead(text: str, sentences: int) -> str:
+    parts = re.split(r"(?<=[.!?])\s+", text.strip())
+    return " ".join(parts[:sentences])
+
+
+def rag_json(out: Path, source: str | None = None, rows: int = 600, seed: int = 0) -> dict:
+    from tandem.prompts import rag_answer, rag_messages
+
+    items = [v for _, v in _wiki_items(source) if v.get("title")]
+    rng = random.Random(seed)
+    picked = rng.sample(items, min(rows, len(items)))
+    lines = []
+    for item in picked:
+        others = rng.sample([v for v in rng.sample(items, 8) if v is not item], 2)
+        passages = [_lead(v["extract"], 2) for v in others]
+        slot = rng.randrange(3)
+        passages.insert(slot, _lead(item["extract"], 2))
+        question = f"What is {item['title']}?"
+        messages = rag_messages(question, passages) + [
+            {"role": "assistant", "content": rag_answer(_lead(item["extract"], 1), [slot + 1])}]
+        lines.append({"messages": messages})
+    return {"rows": write_jsonl(out / "rag_json.jsonl", lines)}
+
+
+BUILDERS = {"wiki": wiki, "wiki_beir": wiki_beir, "python_faq": python_faq, "rag_json": rag_json}

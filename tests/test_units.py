@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 
 import pytest
 from hydra.errors import ConfigCompositionException
@@ -73,3 +74,21 @@ def test_retrieval_metrics():
     m = retrieval_metrics({"q1": ["a", "x"], "q2": ["x", "y", "b"]}, qrels)
     assert m["recall@1"] == 0.5 and m["recall@5"] == 1.0
     assert m["mrr@10"] == pytest.approx((1 + 1 / 3) / 2, abs=1e-4)
+
+
+def test_rag_json_rows_teach_the_serving_prompt_shape(tmp_path):
+    from tandem.datasets import rag_json
+    from tandem.prompts import SYSTEM, parse_rag_answer
+
+    assert rag_json(tmp_path, rows=20) == {"rows": 20}
+    rows = [json.loads(line) for line in (tmp_path / "rag_json.jsonl").read_text().splitlines()]
+    for row in rows:
+        system, user, answer = row["messages"]
+        assert system["content"] == SYSTEM and user["content"].startswith("Context:\n[1] ")
+        parsed = parse_rag_answer(answer["content"])
+        slot = parsed["sources"][0]
+        passage = user["content"].split(f"[{slot}] ")[1].split("\n")[0]
+        assert passage.startswith(parsed["answer"])  # the cited passage holds the answer
+    assert parse_rag_answer('{"answer": "x", "sources": [1, true]}') is None
+    assert parse_rag_answer('{"answer": "x", "sources": [2], "extra": 1}') is None
+    assert parse_rag_answer("Paris.") is None

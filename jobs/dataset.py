@@ -12,7 +12,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from tandem.config import config_from_argv, require
+from tandem.config import command_from_argv, require
 from tandem.data.chat import ChatTokens
 from tandem.data.store import DatasetStore
 from tandem.data.validation import validate_rows
@@ -50,11 +50,7 @@ def add(cfg) -> dict:
 
 
 def main(argv: list[str] | None = None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in COMMANDS:
-        raise SystemExit(f"usage: python -m jobs.dataset {{{'|'.join(COMMANDS)}}} key=value ...")
-    command = argv.pop(0)
-    cfg = config_from_argv("dataset", argv)
+    command, cfg = command_from_argv("dataset", COMMANDS, sys.argv[1:] if argv is None else argv)
     if command == "add":
         return add(cfg)
     store = DatasetStore(cfg.dataset.root)

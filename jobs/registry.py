@@ -10,18 +10,14 @@ from __future__ import annotations
 import json
 import sys
 
-from tandem.config import config_from_argv, require
+from tandem.config import command_from_argv, require
 from tandem.registry import Registry
 
 COMMANDS = ("list", "show", "alias")
 
 
 def main(argv: list[str] | None = None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in COMMANDS:
-        raise SystemExit(f"usage: python -m jobs.registry {{{'|'.join(COMMANDS)}}} key=value ...")
-    command = argv.pop(0)
-    cfg = config_from_argv("registry", argv)
+    command, cfg = command_from_argv("registry", COMMANDS, sys.argv[1:] if argv is None else argv)
     registry = Registry.from_config(cfg)
     r = cfg.registry
     if command == "alias":

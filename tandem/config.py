@@ -220,6 +220,13 @@ def config_from_argv(default_name: str, argv: list[str]) -> DictConfig:
     return load_config(name, argv)
 
 
+def command_from_argv(job: str, commands: tuple[str, ...], argv: list[str]) -> tuple[str, DictConfig]:
+    """`python -m jobs.<job> COMMAND key=value ...`: the subcommand, and the config from the rest."""
+    if not argv or argv[0] not in commands:
+        raise SystemExit(f"usage: python -m jobs.{job} {{{'|'.join(commands)}}} key=value ...")
+    return argv[0], config_from_argv(job, list(argv[1:]))
+
+
 def require(value, key: str):
     """A clear error for a required key left unset, naming the override that fixes it."""
     if value in (None, ""):

@@ -74,9 +74,9 @@ def train_loop(config: dict) -> None:
     model = load_for_training(config["base_path"], t["quantization"], device, config["lora"],
                               t["gradient_checkpointing"])
 
-    table = pq.read_table(config["features"])
-    rows = [r for r in table.to_pylist() if r["split"] == "train"]
-    eval_rows = [r for r in table.to_pylist() if r["split"] == "eval"]
+    features = pq.read_table(config["features"]).to_pylist()
+    rows = [r for r in features if r["split"] == "train"]
+    eval_rows = [r for r in features if r["split"] == "eval"]
     shard = rows[rank::world]
     steps_per_epoch = max(1, len(rows) // world // t["batch_size"])
     total_steps = t["max_steps"] or t["epochs"] * steps_per_epoch

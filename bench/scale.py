@@ -35,7 +35,7 @@ def main() -> dict:
     ap.add_argument("--corpus", default="/usr/share/doc/linux-doc-6.1/Documentation")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--overlap", type=int, default=0)
-    ap.add_argument("--max-files", type=int, default=1200, help="the first N files: ~110k chunks, ~20 min here")
+    ap.add_argument("--max-files", type=int, default=1320, help="the first N files: ~105k chunks, ~11 min here")
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--workdir", default=".tandem/scale")
     args = ap.parse_args()

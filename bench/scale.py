@@ -1,6 +1,6 @@
 """Scale: index 100k+ chunks on this box within memory, report peak memory, then search latency p50/p99 at that size.
 
-    python bench/scale.py [--corpus /usr/share/doc/linux-doc-6.1/Documentation] [--max-tokens 32] [--max-files 1200]
+    python bench/scale.py [--corpus /usr/share/doc/linux-doc-6.1/Documentation] [--max-tokens 32] [--max-files 1320]
 
 The default corpus is the Linux kernel documentation from Debian's `linux-doc-6.1` (3,184 .rst.gz files, 24 MB).
 """

@@ -176,6 +176,19 @@ class RegistryConfig:
 
 
 @dataclass
+class ValidateConfig:
+    adapter: Optional[str] = None  # NAME@ALIAS or NAME@VERSION in the registry
+    task: str = "rag_json"  # the eval split's metric: rag_json (JSON shape + answer overlap)
+    max_eval_rows: int = 32
+    max_new_tokens: int = 96
+    batch_size: int = 8
+    retention_docs: int = 40  # held-out Wikipedia summaries for perplexity
+    max_ppl_ratio: float = 1.10  # tuned / base perplexity on general text
+    min_task_valid: float = 0.95
+    report: str = "${workdir}/validation/${validate.adapter}.json"
+
+
+@dataclass
 class TandemConfig:
     workdir: str = "${oc.env:TANDEM_HOME,.tandem}"
     ray: RayConfig = field(default_factory=RayConfig)
@@ -193,6 +206,7 @@ class TandemConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
 
 
 # `conf/base.yaml` starts from this schema (its defaults list names it), so every key in it can be overridden and

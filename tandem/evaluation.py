@@ -1,10 +1,12 @@
-"""Retrieval evaluation on BEIR-format data: recall@1/5/10, MRR@10 and nDCG@10 at document level."""
+"""Evaluation: retrieval on BEIR-format data (recall@k, MRR@10, nDCG@10 at document level), and model checks
+(perplexity on general text for retention, the demo task's JSON-shape and answer-overlap scores)."""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 
@@ -46,3 +48,48 @@ def retrieval_metrics(ranked: dict[str, list[str]], qrels: dict[str, dict[str, i
         totals["ndcg@10"] += dcg / ideal if ideal else 0.0
     n = max(len(qrels), 1)
     return {k: round(v / n, 4) for k, v in totals.items()}
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD-style word overlap between two answers (case and punctuation ignored)."""
+    pred, ref = (re.sub(r"[^\w\s]", " ", t.lower()).split() for t in (prediction, reference))
+    common = sum(min(pred.count(w), ref.count(w)) for w in set(pred))
+    if not pred or not ref or not common:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def rag_json_scores(outputs: list[str], references: list[str]) -> dict:
+    """Share of outputs in the exact `{"answer", "sources"}` shape, answer overlap, and source accuracy."""
+    from tandem.prompts import parse_rag_answer
+
+    valid = f1 = sources = 0.0
+    for out, ref in zip(outputs, references):
+        got, want = parse_rag_answer(out), parse_rag_answer(ref)
+        if got is None:
+            continue
+        valid += 1
+        if want is None:  # a reference outside the task's shape: only validity can be scored
+            continue
+        f1 += token_f1(got["answer"], want["answer"])
+        sources += float(got["sources"] == want["sources"])
+    n = max(len(outputs), 1)
+    return {"valid": round(valid / n, 4), "answer_f1": round(f1 / n, 4), "sources_exact": round(sources / n, 4)}
+
+
+def perplexity(model, tokenizer, texts: list[str], max_length: int = 256) -> float:
+    """exp of the mean token negative log-likelihood over the texts."""
+    import math
+
+    import torch
+
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for text in texts:
+            ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length)["input_ids"]
+            ids = ids.to(model.device)
+            loss = model(input_ids=ids, labels=ids).loss
+            nll += loss.item() * (ids.shape[1] - 1)
+            count += ids.shape[1] - 1
+    return math.exp(nll / max(count, 1))

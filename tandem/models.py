@@ -133,3 +133,39 @@ def load_for_training(base_path: str | Path, quantization: str, device, lora: di
     config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
                         target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM")
     return get_peft_model(model, config)
+
+
+def load_for_inference(base_path: str | Path, adapter_dir: str | Path | None = None, quantization: str = "none",
+                       device: str = "auto"):
+    """Base (optionally quantized) with an adapter on top, in eval mode; `disable_adapter()` gives the base back."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, device_map={"": dev},
+                                                 quantization_config=quantization_config(quantization, dtype))
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    return model.eval()
+
+
+def quantization_report(base_path: str | Path) -> dict:
+    """Measured weight memory (MiB) of the base in fp32, bf16, int8 and nf4, each loaded for real."""
+    import gc
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    report = {}
+    for name, dtype, quant in (("fp32", torch.float32, "none"), ("bf16", torch.bfloat16, "none"),
+                               ("int8", torch.float32, "int8"), ("nf4", torch.float32, "nf4")):
+        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype,
+                                                     quantization_config=quantization_config(quant, dtype))
+        report[name] = round(model.get_memory_footprint() / 2**20, 1)
+        del model
+        gc.collect()
+    return report

@@ -36,7 +36,9 @@ def test_zero3_with_4bit_is_refused(tiny_dataset):
         finetune_main([f"dataset.ref={tiny_dataset}", "train.deepspeed=zero3", "train.quantization=nf4"])
 
 
-def test_qlora_deepspeed_two_workers_resumes_after_a_worker_is_killed(ray_cluster, workdir, tiny_dataset):
+@pytest.fixture(scope="module")
+def killed_and_resumed(ray_cluster, workdir, tiny_dataset) -> dict:
+    """A 2-worker run whose second worker is SIGKILLed once a checkpoint is registered; returns its manifest."""
     import psutil
 
     run = "tiny-qlora"
@@ -57,8 +59,11 @@ def test_qlora_deepspeed_two_workers_resumes_after_a_worker_is_killed(ray_cluste
     os.kill(workers[1].pid, signal.SIGKILL)
     job.join(timeout=900)
     assert not job.is_alive()
+    return outcome["manifest"]
 
-    manifest = outcome["manifest"]
+
+def test_qlora_deepspeed_two_workers_resumes_after_a_worker_is_killed(killed_and_resumed, tiny_dataset):
+    manifest = killed_and_resumed
     metrics = manifest["metrics"]
     assert metrics["step"] == 6
     assert metrics["resumed_from"] in (2, 4)  # restarted from the last checkpoint, not from scratch
@@ -88,3 +93,24 @@ def test_qlora_deepspeed_two_workers_resumes_after_a_worker_is_killed(ray_cluste
     assert run.info.status == "FINISHED" and run.data.params["lora.r"] == "8"
     steps = [m.step for m in registry.client.get_metric_history(run.info.run_id, "loss")]
     assert steps[-1] == 6 and len(steps) >= 3  # logged by rank 0 at every checkpoint, across the restart
+
+
+def test_validation_gates_record_why_an_adapter_fails(killed_and_resumed, tmp_path):
+    """The tiny adapter learned prose answers, not the JSON task: validation must fail it and say why."""
+    from jobs.validate import main as validate_main
+
+    ref = f"tiny@{killed_and_resumed['registry']['version']}"
+    report = validate_main([f"validate.adapter={ref}", "validate.retention_docs=8", "validate.max_new_tokens=48",
+                            f"validate.report={tmp_path / 'report.json'}"])
+    assert not report["passed"] and any(r.startswith("task:") for r in report["reasons"])
+    retention = report["retention"]
+    assert retention["docs"] == 8 and retention["base"] > 1 and retention["ratio"] == pytest.approx(
+        retention["tuned"] / retention["base"], rel=1e-3)
+    assert report["task"]["rows"] >= 1 and 0 <= report["task"]["tuned"]["valid"] < 0.95
+    q = report["quantization_mb"]
+    assert q["fp32"] > q["bf16"] > q["nf4"] and q["bf16"] > q["int8"]
+    registry = Registry.from_config(load_config("registry"))
+    tagged = json.loads(registry.resolve(ref).tags["validation"])
+    assert tagged["passed"] is False and tagged["reasons"] == report["reasons"]
+    assert "validated" not in registry.client.get_registered_model("tiny").aliases
+    assert json.loads((tmp_path / "report.json").read_text())["reasons"] == report["reasons"]

@@ -92,3 +92,15 @@ def test_rag_json_rows_teach_the_serving_prompt_shape(tmp_path):
     assert parse_rag_answer('{"answer": "x", "sources": [1, true]}') is None
     assert parse_rag_answer('{"answer": "x", "sources": [2], "extra": 1}') is None
     assert parse_rag_answer("Paris.") is None
+
+
+def test_task_scores_and_token_f1():
+    from tandem.evaluation import rag_json_scores, token_f1
+
+    ref = '{"answer": "Paris is the capital of France.", "sources": [2]}'
+    outs = [ref, '{"answer": "Paris is the capital.", "sources": [1]}', "Paris.", '{"answer": 1, "sources": []}']
+    scores = rag_json_scores(outs, [ref] * 4)
+    assert scores["valid"] == 0.5 and scores["sources_exact"] == 0.25
+    partial = token_f1("Paris is the capital.", "Paris is the capital of France.")
+    assert 0 < partial < 1 and scores["answer_f1"] == pytest.approx((1 + partial) / 4, abs=1e-4)
+    assert token_f1("a b", "c d") == 0.0 and token_f1("a b", "a b") == 1.0

@@ -80,8 +80,6 @@ def rag_json_scores(outputs: list[str], references: list[str]) -> dict:
 
 def perplexity(model, tokenizer, texts: list[str], max_length: int = 256) -> float:
     """exp of the mean token negative log-likelihood over the texts."""
-    import math
-
     import torch
 
     nll, count = 0.0, 0

@@ -1,4 +1,5 @@
-# `make demo`: set up and index the demo corpus end to end on embedded defaults. `make test`: set up and run the tests.
+# `make demo`: set up, index the demo corpus, train and validate the demo adapter, on embedded defaults.
+# `make test`: set up and run the tests.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -23,6 +24,13 @@ demo: setup
 	$(PY) -m jobs.prepare_data data.dataset=wiki
 	$(PY) -m jobs.index corpus.path=.tandem/data/wiki store.collection=wiki
 	$(PY) -m jobs.search store.collection=wiki search.query="$(DEMO_QUERY)"
+	# behaviour: teach the numbered-context JSON answer shape with QLoRA (30 steps, ~5 min here), then gate it
+	$(PY) -m jobs.prepare_data data.dataset=rag_json
+	$(PY) -m jobs.dataset add dataset.name=rag_json dataset.path=.tandem/data/rag_json/rag_json.jsonl dataset.max_tokens=512
+	$(PY) -m jobs.finetune dataset.ref=rag_json@latest train.max_steps=30 train.batch_size=2 train.max_length=384 \
+		train.lr=1e-3 train.checkpoint_every=10
+	$(PY) -m jobs.validate validate.adapter=rag_json@candidate validate.max_eval_rows=16 validate.retention_docs=16
+	$(PY) -m jobs.registry list
 
 test: setup
 	$(PY) -m pytest tests

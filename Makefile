@@ -26,10 +26,10 @@ demo: setup
 	$(PY) -m jobs.search store.collection=wiki search.query="$(DEMO_QUERY)"
 	# behaviour: teach the numbered-context JSON answer shape with QLoRA (30 steps, ~5 min here), then gate it
 	$(PY) -m jobs.prepare_data data.dataset=rag_json
-	$(PY) -m jobs.dataset add dataset.name=rag_json dataset.path=.tandem/data/rag_json/rag_json.jsonl dataset.max_tokens=512
-	$(PY) -m jobs.finetune dataset.ref=rag_json@latest train.max_steps=30 train.batch_size=2 train.max_length=384 \
+	$(PY) -m jobs.dataset add name=rag_json path=.tandem/data/rag_json/rag_json.jsonl dataset.max_tokens=512
+	$(PY) -m jobs.finetune dataset=rag_json@latest train.max_steps=30 train.batch_size=2 train.max_length=384 \
 		train.lr=1e-3 train.checkpoint_every=10
-	$(PY) -m jobs.validate validate.adapter=rag_json@candidate validate.max_eval_rows=16 validate.retention_docs=16
+	$(PY) -m jobs.validate adapter=rag_json@candidate validate.max_eval_rows=16 validate.retention_docs=16
 	$(PY) -m jobs.registry list
 
 test: setup

@@ -1,8 +1,8 @@
 """The versioned training-data store.
 
-    python -m jobs.dataset add dataset.name=NAME dataset.path=FILE.jsonl [dataset.max_tokens=1024] [dataset.pii=drop]
+    python -m jobs.dataset add name=NAME path=FILE.jsonl [dataset.max_tokens=1024] [dataset.pii=drop]
     python -m jobs.dataset list
-    python -m jobs.dataset show dataset.ref=NAME@VERSION|NAME@latest
+    python -m jobs.dataset show dataset=NAME@VERSION|NAME@latest
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from tandem.data.validation import validate_rows
 from tandem.models import load_tokenizer, prepare_base
 
 COMMANDS = ("add", "list", "show")
+SHORTHANDS = {"name": "dataset.name", "path": "dataset.path", "dataset": "dataset.ref"}
 
 
 def add(cfg) -> dict:
@@ -50,7 +51,7 @@ def add(cfg) -> dict:
 
 
 def main(argv: list[str] | None = None):
-    command, cfg = command_from_argv("dataset", COMMANDS, sys.argv[1:] if argv is None else argv)
+    command, cfg = command_from_argv("dataset", COMMANDS, sys.argv[1:] if argv is None else argv, SHORTHANDS)
     if command == "add":
         return add(cfg)
     store = DatasetStore(cfg.dataset.root)

@@ -1,6 +1,6 @@
 """Distributed QLoRA fine-tuning on Ray Train with DeepSpeed.
 
-    ray job submit -- python -m jobs.finetune dataset.ref=NAME@VERSION [train.num_workers=2] [train.use_gpu=true]
+    ray job submit -- python -m jobs.finetune dataset=NAME@VERSION [train.num_workers=2] [train.use_gpu=true]
         [train.quantization=nf4|int8|none] [train.deepspeed=zero2|null] [train.max_steps=N] [lora.r=8] ...
 """
 
@@ -33,7 +33,7 @@ def code_version() -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = config_from_argv("finetune", sys.argv[1:] if argv is None else argv)
+    cfg = config_from_argv("finetune", sys.argv[1:] if argv is None else argv, {"dataset": "dataset.ref"})
     ref = require(cfg.dataset.ref, "dataset.ref")
     ds_path = deepspeed_config_path(cfg.train.deepspeed)
     ds = json.loads(ds_path.read_text()) if ds_path else None

@@ -1,6 +1,6 @@
 """Model validation gates for an adapter version: it keeps its general ability and learns the task.
 
-    python -m jobs.validate validate.adapter=NAME@VERSION|NAME@candidate
+    python -m jobs.validate adapter=NAME@VERSION|NAME@candidate
 
 - Retention: perplexity of base+adapter vs base on held-out Wikipedia summaries; fails above validate.max_ppl_ratio.
 - Task: the dataset's eval split, base vs tuned: share of outputs in the exact JSON shape, answer overlap, sources;
@@ -46,7 +46,7 @@ def gates(cfg, retention: dict, task: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = config_from_argv("validate", sys.argv[1:] if argv is None else argv)
+    cfg = config_from_argv("validate", sys.argv[1:] if argv is None else argv, {"adapter": "validate.adapter"})
     ref = require(cfg.validate.adapter, "validate.adapter")
     if cfg.validate.task != "rag_json":
         raise SystemExit(f"error: validate.task={cfg.validate.task}; only rag_json is defined")

@@ -223,9 +223,12 @@ def load_config(name: str, overrides: list[str] | None = None) -> DictConfig:
     return cfg
 
 
-def config_from_argv(default_name: str, argv: list[str]) -> DictConfig:
-    """`[--config-name NAME] key=value ...`, as Hydra apps take them, for every `python -m jobs.<name>`."""
-    argv = list(argv)
+def config_from_argv(default_name: str, argv: list[str], shorthands: dict[str, str] | None = None) -> DictConfig:
+    """`[--config-name NAME] key=value ...`, as Hydra apps take them, for every `python -m jobs.<name>`.
+
+    `shorthands` maps a job's short keys to full ones (`dataset=NAME@VERSION` -> `dataset.ref=NAME@VERSION`).
+    """
+    argv = [_expand(arg, shorthands or {}) for arg in argv]
     name = default_name
     if "--config-name" in argv:
         i = argv.index("--config-name")
@@ -234,11 +237,17 @@ def config_from_argv(default_name: str, argv: list[str]) -> DictConfig:
     return load_config(name, argv)
 
 
-def command_from_argv(job: str, commands: tuple[str, ...], argv: list[str]) -> tuple[str, DictConfig]:
+def _expand(arg: str, shorthands: dict[str, str]) -> str:
+    key, sep, value = arg.partition("=")
+    return f"{shorthands[key]}={value}" if sep and key in shorthands else arg
+
+
+def command_from_argv(job: str, commands: tuple[str, ...], argv: list[str],
+                      shorthands: dict[str, str] | None = None) -> tuple[str, DictConfig]:
     """`python -m jobs.<job> COMMAND key=value ...`: the subcommand, and the config from the rest."""
     if not argv or argv[0] not in commands:
         raise SystemExit(f"usage: python -m jobs.{job} {{{'|'.join(commands)}}} key=value ...")
-    return argv[0], config_from_argv(job, list(argv[1:]))
+    return argv[0], config_from_argv(job, list(argv[1:]), shorthands)
 
 
 def require(value, key: str):

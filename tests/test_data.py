@@ -109,13 +109,13 @@ def test_dataset_job_with_the_base_tokenizer(workdir, tmp_path, capsys):
             for i, topic in enumerate(["Ray", "Milvus", "PEFT", "DeepSpeed", "LoRA", "Serve", "Train", "Data"])]
     path = tmp_path / "train.jsonl"
     path.write_text("\n".join(good + ["{broken", chat("too long", words(3000))]) + "\n")
-    manifest = dataset_main(["add", "dataset.name=demo", f"dataset.path={path}", "dataset.max_tokens=512",
+    manifest = dataset_main(["add", "name=demo", f"path={path}", "dataset.max_tokens=512",
                              "dataset.max_reject_fraction=0.3"])
     assert manifest["rows"]["total"] == 8 and manifest["rows"]["rejected"] == 2
     assert manifest["tokens"]["max"] < 512 and manifest["tokens"]["min"] > 20  # chat template included
     listing = dataset_main(["list"])
     assert listing[-1]["ref"] == f"demo@{manifest['version']}"
-    assert dataset_main(["show", "dataset.ref=demo@latest"])["version"] == manifest["version"]
+    assert dataset_main(["show", "dataset=demo@latest"])["version"] == manifest["version"]
 
     path.write_text("\n".join(good[:2] + ["{broken"] * 3) + "\n")
     with pytest.raises(SystemExit, match="60.0% of rows rejected"):

@@ -42,7 +42,7 @@ def killed_and_resumed(ray_cluster, workdir, tiny_dataset) -> dict:
     import psutil
 
     run = "tiny-qlora"
-    args = [f"dataset.ref={tiny_dataset}", f"train.name={run}", "train.num_workers=2", "train.max_steps=6",
+    args = [f"dataset={tiny_dataset}", f"train.name={run}", "train.num_workers=2", "train.max_steps=6",
             "train.checkpoint_every=2", "train.batch_size=2", "train.max_length=128", "train.max_failures=1",
             "train.lr=1e-3"]
     outcome: dict = {}
@@ -100,7 +100,7 @@ def test_validation_gates_record_why_an_adapter_fails(killed_and_resumed, tmp_pa
     from jobs.validate import main as validate_main
 
     ref = f"tiny@{killed_and_resumed['registry']['version']}"
-    report = validate_main([f"validate.adapter={ref}", "validate.retention_docs=8", "validate.max_new_tokens=48",
+    report = validate_main([f"adapter={ref}", "validate.retention_docs=8", "validate.max_new_tokens=48",
                             f"validate.report={tmp_path / 'report.json'}"])
     assert not report["passed"] and any(r.startswith("task:") for r in report["reasons"])
     retention = report["retention"]

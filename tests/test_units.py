@@ -104,3 +104,8 @@ def test_task_scores_and_token_f1():
     partial = token_f1("Paris is the capital.", "Paris is the capital of France.")
     assert 0 < partial < 1 and scores["answer_f1"] == pytest.approx((1 + partial) / 4, abs=1e-4)
     assert token_f1("a b", "c d") == 0.0 and token_f1("a b", "a b") == 1.0
+
+
+def test_job_shorthands_expand_to_config_keys():
+    cfg = config_from_argv("finetune", ["dataset=demo@latest", "train.max_steps=3"], {"dataset": "dataset.ref"})
+    assert cfg.dataset.ref == "demo@latest" and cfg.train.max_steps == 3

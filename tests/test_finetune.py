@@ -54,8 +54,9 @@ def killed_and_resumed(ray_cluster, workdir, tiny_dataset) -> dict:
         assert job.is_alive(), "training ended before it could be interrupted"
         assert time.monotonic() < deadline
         time.sleep(0.2)  # the controller has registered a checkpoint: a restart can resume from it
-    workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
-    assert len(workers) == 2, [p.info["cmdline"] for p in workers]
+    # this session's cluster only: its processes descend from this one (ray.init started them)
+    workers = [p for p in psutil.Process().children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline())]
+    assert len(workers) == 2, [p.cmdline()[0] for p in workers]
     os.kill(workers[1].pid, signal.SIGKILL)
     job.join(timeout=900)
     assert not job.is_alive()

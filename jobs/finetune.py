@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> dict:
     run_id = registry.start_run(run_name, settings, lineage)
     config = {**settings, "base_path": str(base.path), "features": str(features),
               "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-              "mlflow": {"uri": registry.uri, "run_id": run_id}}
+              "mlflow": {"uri": registry.uri, "run_id": run_id}, "run_name": run_name,
+              "wandb_dir": str(Path(cfg.workdir).expanduser().resolve())}
     with ray_session(cfg.ray):
         result = make_trainer(cfg, config, run_name).fit()
     if result.error:

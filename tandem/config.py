@@ -158,6 +158,8 @@ class TrainConfig:
     seed: int = 0
     storage_path: str = "${workdir}/ray_results"
     adapters_dir: str = "${workdir}/adapters"
+    wandb_project: Optional[str] = None  # also log metrics and config to W&B (pip install wandb)
+    wandb_mode: Optional[str] = None  # online | offline | disabled; None: W&B's own default
 
 
 @dataclass

@@ -124,6 +124,14 @@ def train_loop(config: dict) -> None:
         dist.all_reduce(tensor)
         return tensor.item() / world
 
+    wandb_run = None
+    if rank == 0 and t.get("wandb_project"):
+        import wandb
+
+        # the MLflow run id doubles as the W&B id, so a restarted group resumes the same W&B run
+        wandb_run = wandb.init(project=t["wandb_project"], id=config["mlflow"]["run_id"], name=config["run_name"],
+                               resume="allow", mode=t.get("wandb_mode"), dir=config["wandb_dir"],
+                               config={k: config[k] for k in ("train", "lora", "deepspeed")})
     mlflow_client = None
     if rank == 0 and config.get("mlflow"):
         from mlflow import MlflowClient
@@ -160,7 +168,11 @@ def train_loop(config: dict) -> None:
             recent.clear()
             if rank == 0 and mlflow_client is not None:
                 log_run_metrics(mlflow_client, config["mlflow"]["run_id"], metrics, done)
+            if wandb_run is not None:
+                wandb_run.log(metrics, step=done)
             _report(engine, optimizer, metrics, rank, config["deepspeed"] is not None)
+    if wandb_run is not None:
+        wandb_run.finish()
 
 
 def _eval_loss(rows, step_loss, mean_across_workers) -> float | None:

@@ -44,7 +44,7 @@ def killed_and_resumed(ray_cluster, workdir, tiny_dataset) -> dict:
     run = "tiny-qlora"
     args = [f"dataset={tiny_dataset}", f"train.name={run}", "train.num_workers=2", "train.max_steps=6",
             "train.checkpoint_every=2", "train.batch_size=2", "train.max_length=128", "train.max_failures=1",
-            "train.lr=1e-3"]
+            "train.lr=1e-3", "train.wandb_project=tandem-test", "train.wandb_mode=offline"]
     outcome: dict = {}
     job = threading.Thread(target=lambda: outcome.update(manifest=finetune_main(args)), daemon=True)
     job.start()
@@ -63,7 +63,7 @@ def killed_and_resumed(ray_cluster, workdir, tiny_dataset) -> dict:
     return outcome["manifest"]
 
 
-def test_qlora_deepspeed_two_workers_resumes_after_a_worker_is_killed(killed_and_resumed, tiny_dataset):
+def test_qlora_deepspeed_two_workers_resumes_after_a_worker_is_killed(killed_and_resumed, tiny_dataset, workdir):
     manifest = killed_and_resumed
     metrics = manifest["metrics"]
     assert metrics["step"] == 6
@@ -94,6 +94,8 @@ def test_qlora_deepspeed_two_workers_resumes_after_a_worker_is_killed(killed_and
     assert run.info.status == "FINISHED" and run.data.params["lora.r"] == "8"
     steps = [m.step for m in registry.client.get_metric_history(run.info.run_id, "loss")]
     assert steps[-1] == 6 and len(steps) >= 3  # logged by rank 0 at every checkpoint, across the restart
+    wandb_runs = list((workdir / "wandb").glob(f"offline-run-*-{run.info.run_id}"))
+    assert wandb_runs and any(f.suffix == ".wandb" for d in wandb_runs for f in d.iterdir())
 
 
 def test_validation_gates_record_why_an_adapter_fails(killed_and_resumed, tmp_path):

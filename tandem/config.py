@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -191,6 +191,61 @@ class ValidateConfig:
 
 
 @dataclass
+class RouteConfig:
+    """A name clients put in `model`: an adapter's production version, optionally a canary beside it."""
+    adapter: Optional[str] = None  # a registered adapter; null: the base model alone
+    production: Optional[str] = None  # a version or alias overriding the registry's `production` alias
+    canary: Optional[str] = None  # a version or alias overriding the registry's `canary` alias
+    canary_weight: Optional[float] = None  # share of users on the canary; null: the registry's, else 0.1
+    rag: bool = False  # retrieve passages and answer from them in the numbered-context JSON shape
+    collection: str = "${store.collection}"
+    k: int = 3
+    mode: str = "hybrid"  # dense | bm25 | hybrid
+    filter: str = ""
+
+
+@dataclass
+class LLMServeConfig:
+    num_replicas: int = 1
+    num_cpus: float = 0.5
+    num_gpus: float = 0.0
+    device: str = "auto"  # auto: cuda when the replica sees a GPU, else cpu
+    quantization: str = "none"  # nf4 | int8 | none
+    torch_threads: int = 0  # 0: torch's default (Ray pins it to num_cpus)
+    max_adapters: int = 4  # LoRA adapters kept loaded per replica (LRU); an evicted one is deleted
+    max_batch_size: int = 8  # requests of any adapters batched into one forward pass
+    batch_wait_timeout_s: float = 0.05
+    max_ongoing_requests: int = 32
+    max_new_tokens: int = 512  # the largest max_tokens a request may ask for
+    default_max_tokens: int = 128
+    max_context: int = 0  # prompt + completion tokens; 0: the model's max_position_embeddings
+
+
+@dataclass
+class RetrieverServeConfig:
+    num_replicas: int = 1
+    num_cpus: float = 0.25
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.01
+    max_k: int = 50
+
+
+@dataclass
+class ServeConfig:
+    app_name: str = "tandem"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    route_prefix: str = "/"
+    routes: Dict[str, RouteConfig] = field(default_factory=dict)
+    llm: LLMServeConfig = field(default_factory=LLMServeConfig)
+    retriever: RetrieverServeConfig = field(default_factory=RetrieverServeConfig)
+    request_log: str = "${workdir}/requests"  # append-only JSONL partitions; a shared path on a cluster
+    feedback_log: str = "${workdir}/feedback"
+    router_replicas: int = 1
+    ask: Optional[str] = None  # python -m serving: ask the first route this question once the app is up
+
+
+@dataclass
 class TandemConfig:
     workdir: str = "${oc.env:TANDEM_HOME,.tandem}"
     ray: RayConfig = field(default_factory=RayConfig)
@@ -209,6 +264,7 @@ class TandemConfig:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 # `conf/base.yaml` starts from this schema (its defaults list names it), so every key in it can be overridden and

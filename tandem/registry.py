@@ -127,7 +127,9 @@ class Registry:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, tracking_uri=self.uri))
 
     def describe(self, name: str | None = None) -> list[dict]:
-        models = [self.client.get_registered_model(name)] if name else self.client.search_registered_models()
+        # search_registered_models leaves out aliases (on the SQL store), so each model is fetched by name
+        names = [name] if name else [m.name for m in self.client.search_registered_models()]
+        models = [self.client.get_registered_model(n) for n in names]
         out = []
         for model in models:
             versions = sorted(self.client.search_model_versions(f"name='{model.name}'"), key=lambda v: int(v.version))

@@ -57,6 +57,17 @@ def wiki_rows() -> list[dict]:
     return [{"id": k, "title": v["title"], "text": v["extract"], "topic": v.get("topic", "")} for k, v in picked]
 
 
+@pytest.fixture(scope="session")
+def wiki_index(ray_cluster, milvus_server, tmp_path_factory, wiki_rows) -> dict:
+    """120 articles indexed by the real job into the `wiki` collection of the shared server."""
+    from jobs.index import main as index_main
+
+    rows = wiki_rows[:60] + wiki_rows[-60:]
+    corpus = write_corpus(tmp_path_factory.mktemp("wiki"), rows)
+    index_main([f"corpus.path={corpus}", f"store.uri={milvus_server}", "store.collection=wiki"])
+    return {r["id"]: r for r in rows}
+
+
 def write_corpus(root: Path, rows: list[dict], name: str = "wiki.jsonl") -> Path:
     root.mkdir(parents=True, exist_ok=True)
     with (root / name).open("w") as f:

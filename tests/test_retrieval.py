@@ -8,21 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DATA, write_corpus
+from conftest import DATA
 from jobs.eval_retrieval import main as eval_main
-from jobs.index import main as index_main
 from tandem.retrieval import Retriever
 from tandem.store import connect
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def wiki_index(ray_cluster, milvus_server, tmp_path_factory, wiki_rows):
-    rows = wiki_rows[:60] + wiki_rows[-60:]
-    corpus = write_corpus(tmp_path_factory.mktemp("wiki"), rows)
-    index_main([f"corpus.path={corpus}", f"store.uri={milvus_server}", "store.collection=wiki"])
-    return {r["id"]: r for r in rows}
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,37 @@
+"""The Serve application: Retriever and LLM deployments behind the Router, sized from `serve.*` config.
+
+`build_app(cfg)` is what `python -m serving` runs; `app(args)` is the builder `serve run` / `serve deploy` and a
+RayService call with a config file (conf/serve/tandem.yaml), its args being overrides of conf/serve.yaml.
+"""
+
+from __future__ import annotations
+
+from ray import serve
+from ray.serve import Application
+
+from serving.llm import LLM
+from serving.retriever import Retriever
+from serving.router import Router
+from tandem.config import load_config
+from tandem.store import is_server_uri
+
+
+def build_app(cfg) -> Application:
+    s = cfg.serve
+    if not is_server_uri(cfg.store.uri) and s.retriever.num_replicas > 1:
+        raise ValueError(f"store.uri={cfg.store.uri} is Milvus Lite, which one process opens: use one retriever "
+                         f"replica or a Milvus server URI (http://...)")
+    retriever = serve.deployment(Retriever).options(
+        name="Retriever", num_replicas=s.retriever.num_replicas,
+        ray_actor_options={"num_cpus": s.retriever.num_cpus},
+    ).bind(cfg.store, cfg.embedder, s.retriever.max_batch_size, s.retriever.batch_wait_timeout_s)
+    llm = serve.deployment(LLM).options(
+        name="LLM", num_replicas=s.llm.num_replicas, max_ongoing_requests=s.llm.max_ongoing_requests,
+        ray_actor_options={"num_cpus": s.llm.num_cpus, "num_gpus": s.llm.num_gpus},
+    ).bind(cfg)
+    return Router.options(num_replicas=s.router_replicas).bind(cfg, retriever, llm)
+
+
+def app(args: dict) -> Application:
+    """`serve run conf/serve/tandem.yaml`: args {overrides: [key=value, ...]} over conf/serve.yaml."""
+    return build_app(load_config("serve", list(args.get("overrides") or [])))

@@ -1,0 +1,165 @@
+"""The LLM deployment: one base model per replica, LoRA adapters loaded on demand, mixed-adapter batches, streaming.
+
+- Adapters are Serve-multiplexed (`@serve.multiplexed`): the router sends a request with the adapter id as its
+  multiplexed model id, so it lands on a replica that already holds that adapter when one exists. A replica keeps
+  `max_adapters` adapters (LRU); an evicted adapter is deleted from the PEFT model, freeing its weights.
+- Requests for different adapters share one batch (`@serve.batch`) and one forward pass per step: PEFT's
+  mixed-adapter batches (`adapter_names=`) route each row through its own LoRA weights (the S-LoRA/Punica idea),
+  instead of serving one adapter at a time.
+- Each request streams token events; a request's row stops on EOS, its max_tokens or a stop string.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from ray import serve
+
+from tandem.adapters import verify_adapter
+from tandem.generation import Completion, start_stream
+from tandem.models import load_for_inference, load_tokenizer, prepare_base
+from tandem.registry import Registry
+
+BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+
+
+class LoadedAdapter:
+    """What the multiplexed cache holds; Serve calls `__del__` on eviction, which deletes the adapter's weights."""
+
+    def __init__(self, llm: "LLM", name: str, manifest: dict):
+        self.llm, self.name, self.manifest = llm, name, manifest
+
+    def __del__(self):
+        self.llm.unload(self.name)
+
+
+class LLM:
+    def __init__(self, cfg):
+        import torch
+
+        llm = cfg.serve.llm
+        if llm.torch_threads:
+            torch.set_num_threads(llm.torch_threads)
+        self.cfg = cfg
+        self.base = prepare_base(cfg.model.path, cfg.model.cache_dir, cfg.model.dtype)
+        self.tokenizer = load_tokenizer(self.base)
+        self.model = load_for_inference(self.base.path, quantization=llm.quantization, device=llm.device)
+        self.peft = None  # the PeftModel around the base, made when the first adapter arrives
+        self.lock = threading.Lock()  # generation vs adapter load/delete
+        self.loads = self.evictions = 0
+        self.registry = Registry.from_config(cfg)
+        self.generate.set_max_batch_size(llm.max_batch_size)
+        self.generate.set_batch_wait_timeout_s(llm.batch_wait_timeout_s)
+        self.max_adapters = llm.max_adapters
+
+        async def load(adapter_id: str) -> LoadedAdapter:
+            return await self._load_adapter(adapter_id)
+
+        # The cache size comes from config, so the multiplexed loader is made per replica.
+        self.adapter = serve.multiplexed(max_num_models_per_replica=llm.max_adapters)(load)
+
+    # adapters
+    async def _load_adapter(self, adapter_id: str) -> LoadedAdapter:
+        """`name@version` from the registry, checked against this base, loaded next to the other adapters."""
+        path = await asyncio.to_thread(self.registry.download, adapter_id)
+        manifest = verify_adapter(path, self.base.sha256)
+        await asyncio.to_thread(self._load, adapter_id, path)
+        self.loads += 1
+        return LoadedAdapter(self, adapter_id, manifest)
+
+    def _load(self, name: str, path) -> None:
+        from peft import PeftModel
+
+        with self.lock:
+            if self.peft is None:
+                self.peft = PeftModel.from_pretrained(self.model, str(path), adapter_name=name).eval()
+            else:
+                self.peft.load_adapter(str(path), adapter_name=name)
+                if self.peft.active_adapter not in self.peft.peft_config:  # the active one was evicted
+                    self.peft.set_adapter(name)
+
+    def unload(self, name: str) -> None:
+        with self.lock:
+            if self.peft is not None and name in self.peft.peft_config:
+                self.peft.delete_adapter(name)
+                self.evictions += 1
+
+    def loaded(self) -> list[str]:
+        return sorted(self.peft.peft_config) if self.peft is not None else []
+
+    def stats(self) -> dict:
+        return {"loaded": self.loaded(), "loads": self.loads, "evictions": self.evictions,
+                "max_adapters": self.max_adapters}
+
+    # generation
+    def _groups(self, requests: list[dict]) -> list[list[int]]:
+        """Rows that can share one generate call: same sampling, at most max_adapters distinct adapters."""
+        groups: list[list[int]] = []
+        by_sampling: dict[tuple, list[int]] = {}
+        for i, r in enumerate(requests):
+            by_sampling.setdefault((r["temperature"], r["top_p"]), []).append(i)
+        for rows in by_sampling.values():
+            current, adapters = [], set()
+            for i in rows:
+                a = requests[i]["adapter"]
+                if a and a not in adapters and len(adapters) == self.max_adapters:
+                    groups.append(current)
+                    current, adapters = [], set()
+                current.append(i)
+                if a:
+                    adapters.add(a)
+            groups.append(current)
+        return groups
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    async def generate(self, requests: list[dict]):
+        """Each request: {prompt, adapter (name@version or None), max_tokens, temperature, top_p, stop}.
+
+        Yields, per step, one event per request: {"text", "finish_reason", "prompt_tokens", "completion_tokens"},
+        {"error": message} when its adapter cannot be loaded, StopIteration once it has finished.
+        """
+        n = len(requests)
+        done = [False] * n
+        for group in self._groups(requests):
+            failed = {}
+            for name in {requests[i]["adapter"] for i in group} - {None}:
+                try:
+                    await self.adapter(name)
+                except Exception as e:  # a corrupt or foreign adapter fails its own requests only
+                    failed[name] = f"adapter {name} could not be loaded: {e}"
+            rows = [i for i in group if requests[i]["adapter"] not in failed]
+            if len(rows) < len(group):
+                events = [StopIteration if done[i] else {"text": ""} for i in range(n)]
+                for i in group:
+                    if requests[i]["adapter"] in failed:
+                        events[i] = {"error": failed[requests[i]["adapter"]]}
+                        done[i] = True
+                yield events
+            if not rows:
+                continue
+            completions = [Completion(requests[i]["prompt"], requests[i]["max_tokens"], requests[i]["temperature"],
+                                      requests[i]["top_p"], tuple(requests[i]["stop"])) for i in rows]
+            if self.peft is not None and self.peft.peft_config:
+                model, names = self.peft, [requests[i]["adapter"] or BASE for i in rows]
+            else:  # no adapter loaded yet: the plain model
+                model, names = self.model, None
+            stream = start_stream(model, self.tokenizer, completions, names, self.lock)
+            steps = stream.events()
+            while (step := await asyncio.to_thread(next, steps, None)) is not None:
+                events = [StopIteration if done[i] else {"text": ""} for i in range(n)]
+                for i, event in zip(rows, step):
+                    if event is not None:
+                        events[i] = event
+                yield events
+                for i, event in zip(rows, step):
+                    if event is not None and event["finish_reason"]:
+                        done[i] = True
+
+    async def __call__(self, request: dict):
+        async for event in self.generate(request):
+            yield event
+
+    def check_health(self):
+        if self.model is None:
+            raise RuntimeError("model not loaded")

@@ -1,0 +1,222 @@
+"""The Router deployment: the OpenAI-compatible HTTP ingress that puts RAG and the adapters in front of users.
+
+A chat request is resolved to a route's variant (`routes.py`: production, a sticky canary, or a pinned version);
+a RAG route retrieves passages (the Retriever deployment) and builds the numbered-context prompt the adapter was
+trained on (`tandem.prompts`); the LLM deployment streams the answer with that variant's adapter. The answer goes
+back with its sources, its variant and adapter version (headers and a `tandem` field), and every request is logged
+before it is acknowledged, so feedback can join it by id.
+
+No `from __future__ import annotations` here: FastAPI must see the request models, not strings, through Serve's
+class-based view.
+"""
+
+import json
+import time
+import uuid
+from collections import OrderedDict
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from omegaconf import OmegaConf
+from ray import serve
+from starlette.exceptions import HTTPException
+
+from serving.openai_api import APIError, ChatCompletionRequest, FeedbackRequest, RetrieveRequest, error
+from serving.routes import RouteError, RouteTable
+from tandem.canary import user_hash
+from tandem.models import load_tokenizer, prepare_base
+from tandem.prompts import parse_rag_answer, rag_messages
+from tandem.registry import Registry, base_model_name
+from tandem.requestlog import JsonlLog
+
+app = FastAPI(title="Tandem", version="0.1.0",
+              description="RAG for knowledge, LoRA adapters for behaviour: OpenAI-compatible chat over both.")
+
+
+@app.exception_handler(RequestValidationError)
+async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0]
+    where = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(where) or None
+    message = first.get("msg", "invalid request")
+    if first.get("type") == "json_invalid":
+        message, param = "the request body is not valid JSON", None
+    return error(400, f"{param}: {message}" if param else message, param=param, code=first.get("type"))
+
+
+@app.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    return error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+
+@app.exception_handler(APIError)
+async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+    return error(exc.status, exc.message, exc.param, exc.code)
+
+
+def _usage(last: dict, prompt_tokens: int) -> dict:
+    prompt = last.get("prompt_tokens", prompt_tokens)
+    completion = last.get("completion_tokens", 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.ingress(app)
+class Router:
+    def __init__(self, cfg, retriever, llm):
+        from transformers import AutoConfig
+
+        self.cfg = cfg
+        self.retriever, self.llm = retriever, llm
+        base = prepare_base(cfg.model.path, cfg.model.cache_dir, cfg.model.dtype)
+        self.base_name = base_model_name(cfg.model.path)
+        self.tokenizer = load_tokenizer(base)
+        self.max_context = cfg.serve.llm.max_context or AutoConfig.from_pretrained(base.path).max_position_embeddings
+        self.table = RouteTable(cfg.serve.routes, Registry.from_config(cfg))
+        self.requests = JsonlLog(cfg.serve.request_log)
+        self.feedback_log = JsonlLog(cfg.serve.feedback_log)
+        self.recent: OrderedDict[str, None] = OrderedDict()  # request ids this replica served, for feedback
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Route overrides (weights, pinned versions) and a re-read of the registry aliases, without a restart."""
+        self.table.refresh(OmegaConf.merge(self.cfg.serve.routes, user_config.get("routes") or {}))
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok", "routes": {r.name: r.error or "ok" for r in self.table.routes.values()}}
+
+    @app.get("/v1/models")
+    async def models(self) -> dict:
+        return {"object": "list", "data": self.table.models(self.base_name)}
+
+    @app.post("/v1/retrieve")
+    async def retrieve(self, body: RetrieveRequest) -> dict:
+        collection = body.collection or self.cfg.store.collection
+        hits = await self._retrieve(body.query, collection, body.k, body.mode, body.filter)
+        return {"object": "list", "collection": collection, "mode": body.mode, "data": hits}
+
+    async def _retrieve(self, query: str, collection: str, k: int, mode: str, filter: str) -> list[dict]:
+        if k > self.cfg.serve.retriever.max_k:
+            raise APIError(400, f"k={k} is above this server's limit of {self.cfg.serve.retriever.max_k}", "k")
+        try:
+            return await self.retriever.remote({"query": query, "collection": collection, "k": k, "mode": mode,
+                                                "filter": filter})
+        except ValueError as e:  # unknown collection, bad filter, mode without BM25: the caller's to fix
+            cause = getattr(e, "cause", None) or e  # the replica's own exception inside Ray's wrapper
+            raise APIError(400, " ".join(str(cause).split()) or "invalid retrieval request") from None
+
+    @app.post("/v1/feedback")
+    async def feedback(self, body: FeedbackRequest) -> dict:
+        if not self._known(body.request_id):
+            raise APIError(404, f"no request {body.request_id!r} was served here", "request_id", "unknown_request")
+        self.feedback_log.append(body.model_dump())
+        return {"object": "feedback", "request_id": body.request_id, "recorded": True}
+
+    def _known(self, request_id: str) -> bool:
+        if request_id in self.recent:
+            return True
+        needle = f'"request_id": "{request_id}"'  # served by another replica or before a restart
+        return any(needle in f.read_text(encoding="utf-8") for f in self.requests.root.glob("date=*/*.jsonl"))
+
+    @app.post("/v1/chat/completions")
+    async def chat(self, body: ChatCompletionRequest):
+        started = time.perf_counter()
+        try:
+            choice = self.table.choose(body.model, body.user)
+        except RouteError as e:
+            raise APIError(e.status, e.message, "model", "model_not_found" if e.status == 404 else None) from None
+        route = choice.route
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        sources = []
+        if route.cfg.rag:
+            question = messages[-1]["content"]
+            hits = await self._retrieve(question, route.cfg.collection, route.cfg.k, route.cfg.mode, route.cfg.filter)
+            sources = [{"index": i, **h} for i, h in enumerate(hits, start=1)]
+            system, user = rag_messages(question, [h["text"] for h in hits])
+            messages = [system, *[m for m in messages[:-1] if m["role"] != "system"], user]
+        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        prompt_tokens = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        limits = self.cfg.serve.llm
+        max_tokens = body.completion_limit() or limits.default_max_tokens
+        if max_tokens > limits.max_new_tokens:
+            raise APIError(400, f"max_tokens={max_tokens} is above this server's limit of {limits.max_new_tokens}",
+                           "max_tokens", "invalid_value")
+        if prompt_tokens + max_tokens > self.max_context:
+            raise APIError(400, f"This model's maximum context length is {self.max_context} tokens; the prompt has "
+                                f"{prompt_tokens} (with retrieved context) and max_tokens asks for {max_tokens}",
+                           "messages", "context_length_exceeded")
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        payload = {"prompt": prompt, "adapter": choice.adapter, "max_tokens": max_tokens,
+                   "temperature": body.temperature or 0.0, "top_p": body.top_p or 1.0, "stop": body.stop or []}
+        events = self.llm.options(stream=True, multiplexed_model_id=choice.adapter or "").remote(payload)
+        record = {"request_id": request_id, "model": body.model, "route": route.name, "variant": choice.variant,
+                  "adapter": choice.adapter, "user_hash": user_hash(body.user), "messages": messages,
+                  "rag": route.cfg.rag, "retrieved": [s["id"] for s in sources], "stream": body.stream, "max_tokens": max_tokens}
+        meta = {"request_id": request_id, "route": route.name, "variant": choice.variant, "adapter": choice.adapter}
+        headers = {"x-tandem-request-id": request_id, "x-tandem-route": route.name, "x-tandem-variant": choice.variant,
+                   "x-tandem-adapter": choice.adapter or "base"}
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(self._sse(events, body.model, sources, meta, record, started, include_usage),
+                                     media_type="text/event-stream", headers=headers)
+        text, last = "", {}
+        try:
+            async for event in events:
+                if "error" in event:
+                    raise APIError(503, event["error"], code="adapter_unavailable")
+                text, last = text + event["text"], event if event.get("finish_reason") else last
+        except APIError as e:
+            self._log(record, started, text, last, status="error", error=e.message)
+            raise
+        format_valid = self._log(record, started, text, last)
+        completion = {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": body.model,
+                      "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                   "finish_reason": last.get("finish_reason", "stop")}],
+                      "usage": _usage(last, prompt_tokens), "sources": sources,
+                      "tandem": {**meta, "format_valid": format_valid}}
+        return JSONResponse(completion, headers=headers)
+
+    async def _sse(self, events, model: str, sources: list, meta: dict, record: dict, started: float,
+                   include_usage: bool):
+        chunk = {"id": meta["request_id"], "object": "chat.completion.chunk", "created": int(time.time()),
+                 "model": model}
+
+        def sse(choices: list, **extra) -> str:
+            return f"data: {json.dumps({**chunk, 'choices': choices, **extra}, ensure_ascii=False)}\n\n"
+
+        text, last, status, message = "", {}, "disconnected", None
+        try:
+            yield sse([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+                      sources=sources, tandem=meta)
+            async for event in events:
+                if "error" in event:
+                    status, message = "error", event["error"]
+                    yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error'}})}\n\n"
+                    return
+                text += event["text"]
+                if event["text"]:
+                    yield sse([{"index": 0, "delta": {"content": event["text"]}, "finish_reason": None}])
+                if event.get("finish_reason"):
+                    last = event
+            yield sse([{"index": 0, "delta": {}, "finish_reason": last.get("finish_reason", "stop")}])
+            if include_usage:
+                yield sse([], usage=_usage(last, 0))
+            yield "data: [DONE]\n\n"
+            status = "ok"
+        finally:  # also when the client goes away mid-stream: what was generated is still logged
+            self._log(record, started, text, last, status=status, error=message)
+
+    def _log(self, record: dict, started: float, text: str, last: dict, status: str = "ok",
+             error: str | None = None) -> bool | None:
+        format_valid = parse_rag_answer(text) is not None if record["rag"] else None
+        self.requests.append({**record, "response": text, "finish_reason": last.get("finish_reason"),
+                              "status": status, "error": error, "format_valid": format_valid,
+                              "latency_ms": round((time.perf_counter() - started) * 1000, 1),
+                              "prompt_tokens": last.get("prompt_tokens"),
+                              "completion_tokens": last.get("completion_tokens")})
+        self.recent[record["request_id"]] = None
+        while len(self.recent) > 100_000:
+            self.recent.popitem(last=False)
+        return format_valid
+

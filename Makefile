@@ -1,4 +1,4 @@
-# `make demo`: set up, index the demo corpus, train and validate the demo adapter, on embedded defaults.
+# `make demo`: set up, index the demo corpus, train and validate the demo adapter, serve both, on embedded defaults.
 # `make test`: set up and run the tests.
 PYTHON ?= python3
 VENV := .venv
@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_QUERY ?= Which film did Stanley Kubrick make with Arthur C. Clarke?
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo serve test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,12 +31,20 @@ demo: setup
 		train.lr=1e-3 train.checkpoint_every=10
 	$(PY) -m jobs.validate adapter=rag_json@candidate validate.max_eval_rows=16 validate.retention_docs=16
 	$(PY) -m jobs.registry list
+	# serving: the validated adapter goes to production; the app answers the demo question and keeps serving
+	$(PY) -m jobs.registry alias registry.name=rag_json registry.alias=production registry.version=validated \
+		registry.reason="make demo"
+	$(PY) -m serving serve.ask="$(DEMO_QUERY)"
+
+serve: setup
+	$(PY) -m serving
 
 test: setup
 	$(PY) -m pytest tests
 
 bench: setup
 	$(PY) bench/index.py
+	$(PY) bench/serve.py
 
 clean:
 	rm -rf .tandem

@@ -2,7 +2,7 @@
 
     python -m jobs.registry list
     python -m jobs.registry show registry.name=NAME
-    python -m jobs.registry alias registry.name=NAME registry.alias=production registry.version=3 registry.reason="..."
+    python -m jobs.registry alias registry.name=NAME registry.alias=production registry.version=3|validated registry.reason="..."
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None):
     if command == "alias":
         name, alias, version = require(r.name, "registry.name"), require(r.alias, "registry.alias"), \
             require(r.version, "registry.version")
+        version = registry.resolve(f"{name}@{version}").version  # a number, or another alias: validated
         registry.set_alias(name, alias, version, reason=r.reason)
         print(f"{name}@{alias} -> version {version}")
         return registry.describe(name)[0]

@@ -152,7 +152,8 @@ class Router:
         events = self.llm.options(stream=True, multiplexed_model_id=choice.adapter or "").remote(payload)
         record = {"request_id": request_id, "model": body.model, "route": route.name, "variant": choice.variant,
                   "adapter": choice.adapter, "user_hash": user_hash(body.user), "messages": messages,
-                  "rag": route.cfg.rag, "retrieved": [s["id"] for s in sources], "stream": body.stream, "max_tokens": max_tokens}
+                  "rag": route.cfg.rag, "retrieved": [s["id"] for s in sources], "stream": body.stream,
+                  "max_tokens": max_tokens}
         meta = {"request_id": request_id, "route": route.name, "variant": choice.variant, "adapter": choice.adapter}
         headers = {"x-tandem-request-id": request_id, "x-tandem-route": route.name, "x-tandem-variant": choice.variant,
                    "x-tandem-adapter": choice.adapter or "base"}

@@ -260,5 +260,6 @@ def test_graceful_shutdown_loses_nothing(base_url, serve_cfg):
     burst.join(timeout=300)
     assert len(replies) == 3
     logged = {r["request_id"]: r for r in read_log(serve_cfg.serve.request_log)}
-    assert all(logged[r["id"]]["status"] == "ok" and logged[r["id"]]["response"] == r["choices"][0]["message"]["content"]
-               for r in replies)
+    for reply in replies:
+        record = logged[reply["id"]]
+        assert record["status"] == "ok" and record["response"] == reply["choices"][0]["message"]["content"]

@@ -7,7 +7,8 @@
 2. Router overhead: POST /v1/chat/completions on the base route vs the LLM deployment's handle called directly with
    the same rendered prompt, max_tokens=1: the p50 difference is what the proxy and the Router add.
 3. Mixed-adapter batching: one burst of concurrent requests spread over 8 adapters vs the same burst on one adapter
-   (all adapters loaded first): generated tokens/s and their ratio; runs alternate, the median counts.
+   (all adapters loaded first), every request generating exactly max_tokens (`ignore_eos`, so different adapters'
+   answer lengths do not count): generated tokens/s and their ratio; runs alternate, the median counts.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ async def burst(base_url: str, models: list[str], max_tokens: int) -> tuple[floa
     async with httpx.AsyncClient(base_url=base_url, timeout=600) as c:
         t0 = time.perf_counter()
         replies = await asyncio.gather(*[
-            c.post("/v1/chat/completions", json={"model": m, "max_tokens": max_tokens, "messages": [
+            c.post("/v1/chat/completions", json={"model": m, "max_tokens": max_tokens, "ignore_eos": True, "messages": [
                 {"role": "user", "content": f"Write a short poem about the number {i}."}]})
             for i, m in enumerate(models)])
         elapsed = time.perf_counter() - t0

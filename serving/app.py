@@ -11,13 +11,16 @@ from ray.serve import Application
 
 from serving.llm import LLM
 from serving.retriever import Retriever
+from serving.rollout import RolloutController
 from serving.router import Router
-from tandem.config import load_config
+from tandem.config import load_config, route_config
 from tandem.store import is_server_uri
 
 
 def build_app(cfg) -> Application:
     s = cfg.serve
+    for route in s.routes.values():
+        route_config(route)  # a typo in a route fails here, not in a replica
     if not is_server_uri(cfg.store.uri) and s.retriever.num_replicas > 1:
         raise ValueError(f"store.uri={cfg.store.uri} is Milvus Lite, which one process opens: use one retriever "
                          f"replica or a Milvus server URI (http://...)")
@@ -29,7 +32,9 @@ def build_app(cfg) -> Application:
         name="LLM", num_replicas=s.llm.num_replicas, max_ongoing_requests=s.llm.max_ongoing_requests,
         ray_actor_options={"num_cpus": s.llm.num_cpus, "num_gpus": s.llm.num_gpus},
     ).bind(cfg)
-    return Router.options(num_replicas=s.router_replicas).bind(cfg, retriever, llm)
+    controller = serve.deployment(RolloutController).options(
+        name="RolloutController", num_replicas=1, ray_actor_options={"num_cpus": 0}).bind(cfg) if s.controller else None
+    return Router.options(num_replicas=s.router_replicas).bind(cfg, retriever, llm, controller)
 
 
 def app(args: dict) -> Application:

@@ -16,6 +16,7 @@ import threading
 
 from ray import serve
 
+from serving.metrics import AdapterMetrics
 from tandem.adapters import verify_adapter
 from tandem.generation import Completion, start_stream
 from tandem.models import load_for_inference, load_tokenizer, prepare_base
@@ -29,9 +30,14 @@ class LoadedAdapter:
 
     def __init__(self, llm: "LLM", name: str, manifest: dict):
         self.llm, self.name, self.manifest = llm, name, manifest
+        self.loaded = True
 
     def __del__(self):
-        self.llm.unload(self.name)
+        # Once only: Python calls __del__ again when the evicted object is collected, and by then the same adapter
+        # may have been loaded anew.
+        if self.loaded:
+            self.loaded = False
+            self.llm.unload(self.name)
 
 
 class LLM:
@@ -48,6 +54,7 @@ class LLM:
         self.peft = None  # the PeftModel around the base, made when the first adapter arrives
         self.lock = threading.Lock()  # generation vs adapter load/delete
         self.loads = self.evictions = 0
+        self.metrics = AdapterMetrics()
         self.registry = Registry.from_config(cfg)
         self.generate.set_max_batch_size(llm.max_batch_size)
         self.generate.set_batch_wait_timeout_s(llm.batch_wait_timeout_s)
@@ -66,6 +73,7 @@ class LLM:
         manifest = verify_adapter(path, self.base.sha256)
         await asyncio.to_thread(self._load, adapter_id, path)
         self.loads += 1
+        self.metrics.loads.inc(1, {"adapter": adapter_id})
         return LoadedAdapter(self, adapter_id, manifest)
 
     def _load(self, name: str, path) -> None:
@@ -84,6 +92,7 @@ class LLM:
             if self.peft is not None and name in self.peft.peft_config:
                 self.peft.delete_adapter(name)
                 self.evictions += 1
+                self.metrics.evictions.inc(1, {"adapter": name})
 
     def loaded(self) -> list[str]:
         return sorted(self.peft.peft_config) if self.peft is not None else []
@@ -98,7 +107,7 @@ class LLM:
         groups: list[list[int]] = []
         by_sampling: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
-            by_sampling.setdefault((r["temperature"], r["top_p"]), []).append(i)
+            by_sampling.setdefault((r["temperature"], r["top_p"], r.get("ignore_eos", False)), []).append(i)
         for rows in by_sampling.values():
             current, adapters = [], set()
             for i in rows:
@@ -114,7 +123,7 @@ class LLM:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
     async def generate(self, requests: list[dict]):
-        """Each request: {prompt, adapter (name@version or None), max_tokens, temperature, top_p, stop}.
+        """Each request: {prompt, adapter (name@version or None), max_tokens, temperature, top_p, stop, ignore_eos}.
 
         Yields, per step, one event per request: {"text", "finish_reason", "prompt_tokens", "completion_tokens"},
         {"error": message} when its adapter cannot be loaded, StopIteration once it has finished.
@@ -139,7 +148,8 @@ class LLM:
             if not rows:
                 continue
             completions = [Completion(requests[i]["prompt"], requests[i]["max_tokens"], requests[i]["temperature"],
-                                      requests[i]["top_p"], tuple(requests[i]["stop"])) for i in rows]
+                                      requests[i]["top_p"], tuple(requests[i]["stop"]),
+                                      requests[i].get("ignore_eos", False)) for i in rows]
             if self.peft is not None and self.peft.peft_config:
                 model, names = self.peft, [requests[i]["adapter"] or BASE for i in rows]
             else:  # no adapter loaded yet: the plain model

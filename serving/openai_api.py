@@ -43,6 +43,7 @@ class ChatCompletionRequest(BaseModel):
     stream_options: Optional[StreamOptions] = None
     stop: Optional[Union[str, list[str]]] = None
     user: Optional[str] = Field(None, max_length=256, description="pins the user to one variant of the route")
+    ignore_eos: bool = Field(False, description="vLLM's extension: generate exactly max_tokens (benchmarks)")
 
     @field_validator("messages")
     @classmethod

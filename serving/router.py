@@ -10,7 +10,9 @@ No `from __future__ import annotations` here: FastAPI must see the request model
 class-based view.
 """
 
+import asyncio
 import json
+import logging
 import time
 import uuid
 from collections import OrderedDict
@@ -22,6 +24,7 @@ from omegaconf import OmegaConf
 from ray import serve
 from starlette.exceptions import HTTPException
 
+from serving.metrics import RouterMetrics
 from serving.openai_api import APIError, ChatCompletionRequest, FeedbackRequest, RetrieveRequest, error
 from serving.routes import RouteError, RouteTable
 from tandem.canary import user_hash
@@ -30,6 +33,7 @@ from tandem.prompts import parse_rag_answer, rag_messages
 from tandem.registry import Registry, base_model_name
 from tandem.requestlog import JsonlLog
 
+logger = logging.getLogger("ray.serve")
 app = FastAPI(title="Tandem", version="0.1.0",
               description="RAG for knowledge, LoRA adapters for behaviour: OpenAI-compatible chat over both.")
 
@@ -64,23 +68,39 @@ def _usage(last: dict, prompt_tokens: int) -> dict:
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class Router:
-    def __init__(self, cfg, retriever, llm):
+    def __init__(self, cfg, retriever, llm, controller=None):
         from transformers import AutoConfig
 
         self.cfg = cfg
         self.retriever, self.llm = retriever, llm
+        self.controller = controller
         base = prepare_base(cfg.model.path, cfg.model.cache_dir, cfg.model.dtype)
         self.base_name = base_model_name(cfg.model.path)
         self.tokenizer = load_tokenizer(base)
         self.max_context = cfg.serve.llm.max_context or AutoConfig.from_pretrained(base.path).max_position_embeddings
         self.table = RouteTable(cfg.serve.routes, Registry.from_config(cfg))
+        self.refreshed, self.refreshing = time.monotonic(), None
+        self.metrics = RouterMetrics()
         self.requests = JsonlLog(cfg.serve.request_log)
         self.feedback_log = JsonlLog(cfg.serve.feedback_log)
         self.recent: OrderedDict[str, None] = OrderedDict()  # request ids this replica served, for feedback
+        self.shadows: set = set()  # shadow requests in flight (kept referenced until done)
 
     def reconfigure(self, user_config: dict) -> None:
         """Route overrides (weights, pinned versions) and a re-read of the registry aliases, without a restart."""
         self.table.refresh(OmegaConf.merge(self.cfg.serve.routes, user_config.get("routes") or {}))
+
+    def _maybe_refresh(self) -> None:
+        """Pick up promotions and rollout steps from the registry every serve.refresh_s, off the request path:
+        requests keep the table they started with, so a change never fails one."""
+        if self.refreshing is None and time.monotonic() - self.refreshed >= self.cfg.serve.refresh_s:
+            self.refreshing = asyncio.get_running_loop().run_in_executor(None, self.table.refresh)
+            self.refreshing.add_done_callback(self._refreshed)
+
+    def _refreshed(self, future) -> None:
+        self.refreshed, self.refreshing = time.monotonic(), None
+        if future.exception() is not None:  # the registry was unreachable: keep serving the last table
+            logger.warning("route refresh failed: %s", future.exception())
 
     @app.get("/healthz")
     async def healthz(self) -> dict:
@@ -88,7 +108,14 @@ class Router:
 
     @app.get("/v1/models")
     async def models(self) -> dict:
+        self._maybe_refresh()
         return {"object": "list", "data": self.table.models(self.base_name)}
+
+    @app.get("/v1/rollouts")
+    async def rollouts(self) -> dict:
+        """The rollout controller's recent decisions, with the metrics behind each."""
+        data = await self.controller.recent.remote() if self.controller is not None else []
+        return {"object": "list", "data": data}
 
     @app.post("/v1/retrieve")
     async def retrieve(self, body: RetrieveRequest) -> dict:
@@ -111,6 +138,7 @@ class Router:
         if not self._known(body.request_id):
             raise APIError(404, f"no request {body.request_id!r} was served here", "request_id", "unknown_request")
         self.feedback_log.append(body.model_dump())
+        self.metrics.feedback.inc(1, {"rating": str(body.rating)})
         return {"object": "feedback", "request_id": body.request_id, "recorded": True}
 
     def _known(self, request_id: str) -> bool:
@@ -122,6 +150,7 @@ class Router:
     @app.post("/v1/chat/completions")
     async def chat(self, body: ChatCompletionRequest):
         started = time.perf_counter()
+        self._maybe_refresh()
         try:
             choice = self.table.choose(body.model, body.user)
         except RouteError as e:
@@ -131,7 +160,8 @@ class Router:
         sources = []
         if route.cfg.rag:
             question = messages[-1]["content"]
-            hits = await self._retrieve(question, route.cfg.collection, route.cfg.k, route.cfg.mode, route.cfg.filter)
+            hits = await self._retrieve(question, route.cfg.collection or self.cfg.store.collection, route.cfg.k,
+                                        route.cfg.mode, route.cfg.filter)
             sources = [{"index": i, **h} for i, h in enumerate(hits, start=1)]
             system, user = rag_messages(question, [h["text"] for h in hits])
             messages = [system, *[m for m in messages[:-1] if m["role"] != "system"], user]
@@ -148,7 +178,8 @@ class Router:
                            "messages", "context_length_exceeded")
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         payload = {"prompt": prompt, "adapter": choice.adapter, "max_tokens": max_tokens,
-                   "temperature": body.temperature or 0.0, "top_p": body.top_p or 1.0, "stop": body.stop or []}
+                   "temperature": body.temperature or 0.0, "top_p": body.top_p or 1.0, "stop": body.stop or [],
+                   "ignore_eos": body.ignore_eos}
         events = self.llm.options(stream=True, multiplexed_model_id=choice.adapter or "").remote(payload)
         record = {"request_id": request_id, "model": body.model, "route": route.name, "variant": choice.variant,
                   "adapter": choice.adapter, "user_hash": user_hash(body.user), "messages": messages,
@@ -157,6 +188,10 @@ class Router:
         meta = {"request_id": request_id, "route": route.name, "variant": choice.variant, "adapter": choice.adapter}
         headers = {"x-tandem-request-id": request_id, "x-tandem-route": route.name, "x-tandem-variant": choice.variant,
                    "x-tandem-adapter": choice.adapter or "base"}
+        if route.shadow and route.canary and choice.variant == "production":
+            shadow = {**record, "variant": "shadow", "adapter": route.canary,
+                      "request_id": f"shadow-{request_id.removeprefix('chatcmpl-')}", "shadow_of": request_id}
+            self.shadows.add(asyncio.create_task(self._shadow({**payload, "adapter": route.canary}, shadow)))
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(self._sse(events, body.model, sources, meta, record, started, include_usage),
@@ -167,9 +202,10 @@ class Router:
                 if "error" in event:
                     raise APIError(503, event["error"], code="adapter_unavailable")
                 text, last = text + event["text"], event if event.get("finish_reason") else last
-        except APIError as e:
-            self._log(record, started, text, last, status="error", error=e.message)
-            raise
+        except Exception as e:  # the server's fault, not the caller's: 503, and logged for the rollout gates
+            error = e if isinstance(e, APIError) else APIError(503, f"generation failed: {e}", code="llm_unavailable")
+            self._log(record, started, text, last, status="error", error=error.message)
+            raise error from None
         format_valid = self._log(record, started, text, last)
         completion = {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": body.model,
                       "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
@@ -177,6 +213,21 @@ class Router:
                       "usage": _usage(last, prompt_tokens), "sources": sources,
                       "tandem": {**meta, "format_valid": format_valid}}
         return JSONResponse(completion, headers=headers)
+
+    async def _shadow(self, payload: dict, record: dict) -> None:
+        """The canary answers a copy of the request; the answer is logged, never returned."""
+        started, text, last, status, message = time.perf_counter(), "", {}, "ok", None
+        try:
+            async for event in self.llm.options(stream=True, multiplexed_model_id=payload["adapter"]).remote(payload):
+                if "error" in event:
+                    status, message = "error", event["error"]
+                    break
+                text += event["text"]
+                last = event if event.get("finish_reason") else last
+        except Exception as e:  # a failing shadow must not touch the user's request
+            status, message = "error", str(e)
+        self._log(record, started, text, last, status=status, error=message)
+        self.shadows.discard(asyncio.current_task())
 
     async def _sse(self, events, model: str, sources: list, meta: dict, record: dict, started: float,
                    include_usage: bool):
@@ -211,11 +262,12 @@ class Router:
     def _log(self, record: dict, started: float, text: str, last: dict, status: str = "ok",
              error: str | None = None) -> bool | None:
         format_valid = parse_rag_answer(text) is not None if record["rag"] else None
-        self.requests.append({**record, "response": text, "finish_reason": last.get("finish_reason"),
-                              "status": status, "error": error, "format_valid": format_valid,
-                              "latency_ms": round((time.perf_counter() - started) * 1000, 1),
-                              "prompt_tokens": last.get("prompt_tokens"),
-                              "completion_tokens": last.get("completion_tokens")})
+        record = {**record, "response": text, "finish_reason": last.get("finish_reason"), "status": status,
+                  "error": error, "format_valid": format_valid,
+                  "latency_ms": round((time.perf_counter() - started) * 1000, 1),
+                  "prompt_tokens": last.get("prompt_tokens"), "completion_tokens": last.get("completion_tokens")}
+        self.requests.append(record)
+        self.metrics.observe(record)
         self.recent[record["request_id"]] = None
         while len(self.recent) > 100_000:
             self.recent.popitem(last=False)

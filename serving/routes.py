@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tandem.canary import CANARY, PRODUCTION, assign
+from tandem.config import route_config
+from tandem.rollout import load as load_rollout
 
 DEFAULT_CANARY_WEIGHT = 0.1
 
@@ -27,6 +29,7 @@ class Route:
     production: str | None  # adapter id name@version; None: the base model
     canary: str | None = None
     weight: float = 0.0
+    shadow: bool = False  # the canary answers copies of production's requests, logged and not returned
     error: str | None = None  # why the route cannot serve (e.g. no production version yet)
 
 
@@ -47,7 +50,7 @@ class RouteTable:
     def refresh(self, routes_cfg=None) -> None:
         """Re-read the aliases (and new config) — what a rollout step or a promotion changes."""
         self.routes_cfg = routes_cfg if routes_cfg is not None else self.routes_cfg
-        self.routes = {name: self._resolve(name, cfg) for name, cfg in self.routes_cfg.items()}
+        self.routes = {name: self._resolve(name, route_config(cfg)) for name, cfg in self.routes_cfg.items()}
 
     def _version(self, adapter: str, which: str) -> str | None:
         from mlflow.exceptions import MlflowException
@@ -65,14 +68,13 @@ class RouteTable:
             return Route(name, cfg, None, error=f"route {name!r}: adapter {cfg.adapter!r} has no "
                                                  f"{cfg.production or PRODUCTION} version in the registry")
         canary = self._version(cfg.adapter, cfg.canary or CANARY)
+        tags = self.registry.model_tags(cfg.adapter)
         weight = cfg.canary_weight
         if weight is None:
-            tag = self._model_tags(cfg.adapter).get("canary_weight")
-            weight = float(tag) if tag is not None else DEFAULT_CANARY_WEIGHT
-        return Route(name, cfg, production, canary if canary != production else None, float(weight))
-
-    def _model_tags(self, adapter: str) -> dict:
-        return dict(self.registry.client.get_registered_model(adapter).tags)
+            weight = float(tags["canary_weight"]) if "canary_weight" in tags else DEFAULT_CANARY_WEIGHT
+        rollout = load_rollout(self.registry, cfg.adapter)
+        return Route(name, cfg, production, canary if canary != production else None, float(weight),
+                     shadow=bool(rollout and rollout.state == "shadow"))
 
     def choose(self, model: str, user: str | None) -> Choice:
         """The variant for this request; raises RouteError (404 unknown model, 503 route not servable)."""
@@ -103,7 +105,7 @@ class RouteTable:
             data.append({"id": r.name, "object": "model", "created": 0, "owned_by": "tandem", "parent": base_name,
                          "tandem": {"kind": "route", "rag": r.cfg.rag, "adapter": r.cfg.adapter,
                                     "production": r.production, "canary": r.canary, "canary_weight": r.weight,
-                                    "error": r.error}})
+                                    "shadow": r.shadow, "error": r.error}})
         from mlflow.exceptions import MlflowException
 
         for adapter in sorted({r.cfg.adapter for r in self.routes.values() if r.cfg.adapter}):

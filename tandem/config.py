@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -198,7 +198,7 @@ class RouteConfig:
     canary: Optional[str] = None  # a version or alias overriding the registry's `canary` alias
     canary_weight: Optional[float] = None  # share of users on the canary; null: the registry's, else 0.1
     rag: bool = False  # retrieve passages and answer from them in the numbered-context JSON shape
-    collection: str = "${store.collection}"
+    collection: Optional[str] = None  # null: store.collection
     k: int = 3
     mode: str = "hybrid"  # dense | bm25 | hybrid
     filter: str = ""
@@ -236,13 +236,41 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     route_prefix: str = "/"
-    routes: Dict[str, RouteConfig] = field(default_factory=dict)
+    # name -> RouteConfig; left untyped here so `+serve.routes.NAME={...}` can add one from the command line
+    # (OmegaConf cannot add to a typed dict of dataclasses); `route_config` types and checks each one.
+    routes: Dict[str, Any] = field(default_factory=dict)
     llm: LLMServeConfig = field(default_factory=LLMServeConfig)
     retriever: RetrieverServeConfig = field(default_factory=RetrieverServeConfig)
     request_log: str = "${workdir}/requests"  # append-only JSONL partitions; a shared path on a cluster
     feedback_log: str = "${workdir}/feedback"
     router_replicas: int = 1
     ask: Optional[str] = None  # python -m serving: ask the first route this question once the app is up
+    refresh_s: float = 5.0  # how often routers re-read aliases, weights and rollout state from the registry
+    controller: bool = True  # run the rollout controller in the app
+
+
+@dataclass
+class RolloutGates:
+    max_error_rate: float = 0.05
+    max_latency_p95_ratio: float = 2.0  # canary p95 over production p95
+    max_negative_feedback_rate: float = 0.25
+    min_format_valid: Optional[float] = None  # share of answers in the trained output format; null: not gated
+
+
+@dataclass
+class RolloutConfig:
+    route: Optional[str] = None
+    adapter: Optional[str] = None  # NAME@VERSION (or NAME@ALIAS) of the canary
+    stage: Optional[str] = None  # canary | production | rollback | pause | resume | abort
+    weight: Optional[float] = None  # stage=canary: hold this weight (gated, not advanced) instead of the steps
+    steps: list = field(default_factory=lambda: [0.1, 0.25, 0.5, 1.0])
+    shadow: bool = False  # first the canary answers copies of requests (logged, not returned)
+    min_requests: int = 20  # canary requests per step before a decision
+    min_seconds: float = 60.0  # time per step before advancing
+    interval_s: float = 5.0  # how often the controller decides
+    decisions_log: str = "${workdir}/rollout"
+    reason: str = ""
+    gates: RolloutGates = field(default_factory=RolloutGates)
 
 
 @dataclass
@@ -265,6 +293,7 @@ class TandemConfig:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
 
 
 # `conf/base.yaml` starts from this schema (its defaults list names it), so every key in it can be overridden and
@@ -306,6 +335,11 @@ def command_from_argv(job: str, commands: tuple[str, ...], argv: list[str],
     if not argv or argv[0] not in commands:
         raise SystemExit(f"usage: python -m jobs.{job} {{{'|'.join(commands)}}} key=value ...")
     return argv[0], config_from_argv(job, list(argv[1:]), shorthands)
+
+
+def route_config(raw) -> DictConfig:
+    """One `serve.routes` entry checked against RouteConfig: unknown keys and wrong types fail here."""
+    return OmegaConf.merge(OmegaConf.structured(RouteConfig), raw)
 
 
 def require(value, key: str):

@@ -7,6 +7,7 @@ row with its own adapter and limits, for serving.
 from __future__ import annotations
 
 import contextlib
+import copy
 import queue
 import threading
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ class Completion:
     temperature: float = 0.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # generate exactly max_tokens (benchmarks; vLLM's extension of the same name)
 
 
 class BatchStream(BaseStreamer):
@@ -74,7 +76,7 @@ class BatchStream(BaseStreamer):
 
     def _step(self, i: int, token: int) -> dict:
         c = self.completions[i]
-        if token in self.eos_ids:
+        if token in self.eos_ids and not c.ignore_eos:
             self.finish[i] = "stop"
         else:
             self.ids[i].append(token)
@@ -129,17 +131,20 @@ def start_stream(model, tokenizer, completions: list[Completion], adapter_names:
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
     stream = BatchStream(tokenizer, completions, eos_ids, batch["attention_mask"].sum(dim=1).tolist())
-    first = completions[0]  # a batch shares its sampling settings (the caller groups them)
-    sampling = ({"do_sample": True, "temperature": first.temperature, "top_p": first.top_p}
-                if first.temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None})
+    first = completions[0]  # a batch shares its sampling settings and ignore_eos (the caller groups them)
+    config = copy.deepcopy(model.generation_config)
+    config.update(max_new_tokens=max(c.max_tokens for c in completions), pad_token_id=tokenizer.pad_token_id,
+                  do_sample=first.temperature > 0, temperature=first.temperature or None,
+                  top_p=first.top_p if first.temperature > 0 else None, top_k=None)
+    if first.ignore_eos:
+        config.eos_token_id = None
     kwargs = {"adapter_names": adapter_names} if adapter_names is not None else {}
 
     def run():
         try:
             with lock or contextlib.nullcontext(), torch.no_grad():
-                model.generate(**batch, max_new_tokens=max(c.max_tokens for c in completions), streamer=stream,
-                               stopping_criteria=StoppingCriteriaList([stream.rows_done]),
-                               pad_token_id=tokenizer.pad_token_id, **sampling, **kwargs)
+                model.generate(**batch, generation_config=config, streamer=stream,
+                               stopping_criteria=StoppingCriteriaList([stream.rows_done]), **kwargs)
             stream.end()
         except Exception as e:  # handed to the reader, which raises it where the request is
             stream.fail(e)

@@ -110,6 +110,23 @@ class Registry:
         self.client.set_model_version_tag(name, str(version), f"alias.{alias}.{int(time.time() * 1000)}",
                                           json.dumps(record))
 
+    def delete_alias(self, name: str, alias: str, reason: str = "", who: str | None = None) -> None:
+        version = self.aliases(name)[alias]
+        self.client.delete_registered_model_alias(name, alias)
+        record = {"alias": alias, "removed": True, "who": who or getpass.getuser(), "why": reason,
+                  "when": time.time()}
+        self.client.set_model_version_tag(name, str(version), f"alias.{alias}.{int(time.time() * 1000)}",
+                                          json.dumps(record))
+
+    def aliases(self, name: str) -> dict[str, str]:
+        return {a: str(v) for a, v in self.client.get_registered_model(name).aliases.items()}
+
+    def model_tags(self, name: str) -> dict[str, str]:
+        return dict(self.client.get_registered_model(name).tags)
+
+    def set_model_tag(self, name: str, key: str, value: str) -> None:
+        self.client.set_registered_model_tag(name, key, value)
+
     def resolve(self, ref: str):
         """`name@alias` or `name@version` (a number) -> the model version."""
         name, _, which = ref.partition("@")

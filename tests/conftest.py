@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,72 @@ def wiki_index(ray_cluster, milvus_server, tmp_path_factory, wiki_rows) -> dict:
     corpus = write_corpus(tmp_path_factory.mktemp("wiki"), rows)
     index_main([f"corpus.path={corpus}", f"store.uri={milvus_server}", "store.collection=wiki"])
     return {r["id"]: r for r in rows}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def serve_cfg(ray_cluster, milvus_server, wiki_index, workdir, tmp_path_factory):
+    """The Serve app's config. Route `assistant`: RAG with adapter `demo` (production 1, canary 2 at 50%, 3 only
+    pinned). Route `ro`, adapter `ro`, for rollouts: 1 production, 2 a healthy candidate, 3 corrupt (its weights no
+    longer match their checksum, so every request for it fails). Rollout steps are short for tests."""
+    from tandem.adapters import random_adapters
+    from tandem.config import load_config
+    from tandem.models import prepare_base
+    from tandem.registry import Registry
+
+    overrides = [f"store.uri={milvus_server}", f"serve.port={free_port()}",
+                 "+serve.routes.assistant={adapter: demo, rag: true, collection: wiki, k: 2, canary_weight: 0.5}",
+                 "serve.llm.max_adapters=2", "serve.llm.max_new_tokens=48", "serve.llm.default_max_tokens=12",
+                 "serve.llm.max_context=1024", "serve.llm.num_cpus=0.5", "serve.retriever.num_cpus=0.25",
+                 "+serve.routes.ro={adapter: ro}", "serve.refresh_s=0.5", "rollout.interval_s=0.5",
+                 "rollout.min_requests=4", "rollout.min_seconds=1", "rollout.steps=[0.5,1.0]"]
+    cfg = load_config("serve", overrides)
+    registry = Registry.from_config(cfg)
+    base = prepare_base(cfg.model.path, cfg.model.cache_dir, cfg.model.dtype)
+    ids = random_adapters(registry, base, "demo", 3, tmp_path_factory.mktemp("adapters"), cfg.lora)
+    assert ids == ["demo@1", "demo@2", "demo@3"]
+    registry.set_alias("demo", "production", "1", reason="test")
+    registry.set_alias("demo", "canary", "2", reason="test")
+    assert random_adapters(registry, base, "ro", 3, tmp_path_factory.mktemp("ro"), cfg.lora, seed=10) == \
+        ["ro@1", "ro@2", "ro@3"]
+    registry.set_alias("ro", "production", "1", reason="test")
+    weights = Path(registry.client.get_model_version("ro", "3").source.removeprefix("file://")) / \
+        "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64] + bytes(64))
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def base_url(serve_cfg):
+    from ray import serve
+
+    from serving.app import build_app
+
+    s = serve_cfg.serve
+    serve.start(http_options={"host": s.host, "port": s.port})
+    serve.run(build_app(serve_cfg), name=s.app_name, route_prefix="/")
+    yield f"http://{s.host}:{s.port}"
+    serve.shutdown()
+
+
+@pytest.fixture(scope="session")
+def client(base_url):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def http(base_url):
+    import httpx
+
+    with httpx.Client(base_url=base_url, timeout=300) as c:
+        yield c
 
 
 def write_corpus(root: Path, rows: list[dict], name: str = "wiki.jsonl") -> Path:

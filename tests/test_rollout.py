@@ -1,0 +1,121 @@
+"""Canary rollouts on the live app: automatic rollback of a broken adapter, promotion of a healthy one through every
+step with no failed request, shadow traffic, and manual pause/resume/abort; all through jobs.promote and the
+app's rollout controller, reading the registry the routers serve from."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+
+from jobs.promote import main as promote_main
+from tandem.registry import Registry
+from tandem.requestlog import read_log
+from tandem.rollout import load
+
+
+def promote(args: list[str]) -> dict:
+    """jobs.promote as a user runs it, with the test app's route and its short schedule (conf/serve.yaml has no
+    route `ro`)."""
+    return promote_main(["+serve.routes.ro={adapter: ro}", "rollout.steps=[0.5,1.0]", *args])
+
+
+class SteadyStream:
+    """One request after another on route `ro`, each from a new user, until stopped; keeps every reply."""
+
+    def __init__(self, base_url: str):
+        self.base_url, self.replies, self.stop = base_url, [], threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        with httpx.Client(base_url=self.base_url, timeout=120) as c:
+            i = 0
+            while not self.stop.is_set():
+                r = c.post("/v1/chat/completions", json={"model": "ro", "max_tokens": 1, "user": f"s{time.time()}-{i}",
+                                                         "messages": [{"role": "user", "content": "Hi"}]})
+                self.replies.append((r.status_code, r.headers.get("x-tandem-variant"), r.headers.get(
+                    "x-tandem-adapter"), r.json()))
+                i += 1
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(timeout=120)
+
+
+def wait_for(predicate, timeout: float = 180, what: str = ""):
+    deadline = time.monotonic() + timeout
+    while not (result := predicate()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.3)
+    return result
+
+
+def test_broken_canary_is_rolled_back_automatically(serve_cfg, base_url):
+    registry = Registry.from_config(serve_cfg)
+    started = time.time()
+    promote(["route=ro", "adapter=ro@3", "stage=canary", "reason=test: a corrupt adapter"])
+    with SteadyStream(base_url) as stream:
+        wait_for(lambda: load(registry, "ro").state == "rolled_back", what="the rollback")
+        after = len(stream.replies)
+        wait_for(lambda: len(stream.replies) >= after + 6, what="traffic after the rollback")
+    canary = [r for r in read_log(serve_cfg.serve.request_log) if r["route"] == "ro" and r["time"] >= started
+              and r["adapter"] == "ro@3"]
+    # Bounded: the gate needs min_requests canary answers; a router may still send a few while it refreshes.
+    assert serve_cfg.rollout.min_requests <= len(canary) <= serve_cfg.rollout.min_requests + 6
+    assert all(r["status"] == "error" for r in canary)
+    decision = [d for d in read_log(serve_cfg.rollout.decisions_log) if d["route"] == "ro" and d["action"] == "rollback"]
+    assert decision and "error rate" in decision[-1]["reasons"][0]
+    assert decision[-1]["metrics"]["canary"]["requests"] >= serve_cfg.rollout.min_requests
+    aliases = registry.aliases("ro")
+    assert aliases["production"] == "1" and "canary" not in aliases
+    assert all(status == 200 and adapter == "ro@1" for status, _, adapter, _ in stream.replies[after:])
+    assert any(status == 503 for status, *_ in stream.replies)  # the broken canary really was served
+
+
+def test_healthy_canary_is_promoted_through_every_step_without_a_failed_request(serve_cfg, base_url, http):
+    registry = Registry.from_config(serve_cfg)
+    promote(["route=ro", "adapter=ro@2", "stage=canary", "rollout.shadow=true", "reason=test: healthy"])
+    with SteadyStream(base_url) as stream:
+        wait_for(lambda: load(registry, "ro").state == "promoted", what="the promotion")
+        after = len(stream.replies)
+        wait_for(lambda: len(stream.replies) >= after + 4, what="traffic after the promotion")
+    assert stream.replies and all(status == 200 for status, *_ in stream.replies), \
+        [reply for reply in stream.replies if reply[0] != 200][:3]
+    assert {variant for _, variant, *_ in stream.replies} >= {"production", "canary"}
+    assert all(adapter == "ro@2" for *_, adapter, _ in stream.replies[after:])
+    aliases = registry.aliases("ro")
+    assert aliases["production"] == "2" and aliases["previous"] == "1" and "canary" not in aliases
+    decisions = [d for d in http.get("/v1/rollouts").json()["data"] if d["version"] == "2"]
+    assert [d["action"] for d in decisions if d["action"] != "hold"] == ["advance", "advance", "promote"]
+    assert [d["state"] for d in decisions if d["action"] == "advance"] == ["running", "running"]
+    # While in shadow, production answered and the canary's copies were only logged.
+    shadows = [r for r in read_log(serve_cfg.serve.request_log) if r["variant"] == "shadow"]
+    assert shadows and all(r["adapter"] == "ro@2" and r["shadow_of"].startswith("chatcmpl-") for r in shadows)
+
+
+def test_manual_pause_resume_and_abort(serve_cfg, http):
+    registry = Registry.from_config(serve_cfg)
+    promote(["route=ro", "adapter=ro@1", "stage=canary", "rollout.steps=[0.3]", "rollout.min_requests=1000"])
+    assert registry.aliases("ro")["canary"] == "1"
+    promote(["route=ro", "stage=pause", "reason=looking at a dashboard"])
+    assert load(registry, "ro").state == "paused" and registry.model_tags("ro")["canary_weight"] == "0.3"
+    with pytest.raises(SystemExit, match="needs a rollout in state running or shadow"):
+        promote(["route=ro", "stage=pause"])
+    promote(["route=ro", "stage=resume"])
+    assert load(registry, "ro").state == "running"
+
+    def route_seen():
+        return next(m for m in http.get("/v1/models").json()["data"] if m["id"] == "ro")["tandem"]
+
+    assert wait_for(lambda: route_seen()["canary"] == "ro@1" and route_seen()["canary_weight"] == 0.3,
+                    what="the routers to see the canary")  # live, no restart
+    promote(["route=ro", "stage=abort", "reason=changed my mind"])
+    assert load(registry, "ro").state == "aborted" and "canary" not in registry.aliases("ro")
+    assert wait_for(lambda: route_seen()["canary"] is None, what="the routers to drop the canary")
+    assert registry.aliases("ro")["production"] == "2"

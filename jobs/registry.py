@@ -2,7 +2,8 @@
 
     python -m jobs.registry list
     python -m jobs.registry show registry.name=NAME
-    python -m jobs.registry alias registry.name=NAME registry.alias=production registry.version=3|validated registry.reason="..."
+    python -m jobs.registry alias registry.name=NAME registry.alias=production registry.version=3|validated \
+        registry.reason="..."
 """
 
 from __future__ import annotations

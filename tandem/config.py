@@ -274,6 +274,23 @@ class RolloutConfig:
 
 
 @dataclass
+class FeedbackConfig:
+    route: Optional[str] = None
+    since: Optional[str] = None  # YYYY-MM-DD; null: everything logged
+    name: Optional[str] = None  # the dataset; null: <route>-feedback
+    exports: str = "${workdir}/feedback-exports"  # the JSONL each run builds, kept as the version's source
+
+
+@dataclass
+class ReportConfig:
+    route: Optional[str] = None  # canary vs production over time on this route
+    adapter: Optional[str] = None  # NAME@ALIAS|VERSION whose training curves to plot; null: the route's production
+    eval: str = "${eval.output}"  # a jobs.eval_retrieval report
+    bucket_s: float = 60.0  # traffic is plotted per bucket of this many seconds
+    output: str = "${workdir}/report.html"
+
+
+@dataclass
 class TandemConfig:
     workdir: str = "${oc.env:TANDEM_HOME,.tandem}"
     ray: RayConfig = field(default_factory=RayConfig)
@@ -294,6 +311,8 @@ class TandemConfig:
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
 
 # `conf/base.yaml` starts from this schema (its defaults list names it), so every key in it can be overridden and

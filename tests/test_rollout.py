@@ -56,20 +56,26 @@ def wait_for(predicate, timeout: float = 180, what: str = ""):
     return result
 
 
-def test_broken_canary_is_rolled_back_automatically(serve_cfg, base_url):
+def route_seen(http, name: str = "ro") -> dict:
+    return next(m for m in http.get("/v1/models").json()["data"] if m["id"] == name)["tandem"]
+
+
+def test_broken_canary_is_rolled_back_automatically(serve_cfg, base_url, http):
     registry = Registry.from_config(serve_cfg)
     started = time.time()
     promote(["route=ro", "adapter=ro@3", "stage=canary", "reason=test: a corrupt adapter"])
     with SteadyStream(base_url) as stream:
         wait_for(lambda: load(registry, "ro").state == "rolled_back", what="the rollback")
-        after = len(stream.replies)
+        wait_for(lambda: route_seen(http)["canary"] is None, what="the routers to drop the canary")
+        after = len(stream.replies) + 1  # the request in flight may have been routed before the refresh
         wait_for(lambda: len(stream.replies) >= after + 6, what="traffic after the rollback")
     canary = [r for r in read_log(serve_cfg.serve.request_log) if r["route"] == "ro" and r["time"] >= started
               and r["adapter"] == "ro@3"]
     # Bounded: the gate needs min_requests canary answers; a router may still send a few while it refreshes.
     assert serve_cfg.rollout.min_requests <= len(canary) <= serve_cfg.rollout.min_requests + 6
     assert all(r["status"] == "error" for r in canary)
-    decision = [d for d in read_log(serve_cfg.rollout.decisions_log) if d["route"] == "ro" and d["action"] == "rollback"]
+    decision = [d for d in read_log(serve_cfg.rollout.decisions_log)
+                if d["route"] == "ro" and d["action"] == "rollback"]
     assert decision and "error rate" in decision[-1]["reasons"][0]
     assert decision[-1]["metrics"]["canary"]["requests"] >= serve_cfg.rollout.min_requests
     aliases = registry.aliases("ro")
@@ -110,12 +116,24 @@ def test_manual_pause_resume_and_abort(serve_cfg, http):
     promote(["route=ro", "stage=resume"])
     assert load(registry, "ro").state == "running"
 
-    def route_seen():
-        return next(m for m in http.get("/v1/models").json()["data"] if m["id"] == "ro")["tandem"]
-
-    assert wait_for(lambda: route_seen()["canary"] == "ro@1" and route_seen()["canary_weight"] == 0.3,
+    assert wait_for(lambda: route_seen(http)["canary"] == "ro@1" and route_seen(http)["canary_weight"] == 0.3,
                     what="the routers to see the canary")  # live, no restart
     promote(["route=ro", "stage=abort", "reason=changed my mind"])
     assert load(registry, "ro").state == "aborted" and "canary" not in registry.aliases("ro")
-    assert wait_for(lambda: route_seen()["canary"] is None, what="the routers to drop the canary")
+    assert wait_for(lambda: route_seen(http)["canary"] is None, what="the routers to drop the canary")
     assert registry.aliases("ro")["production"] == "2"
+
+
+def test_report_renders_traffic_and_decisions(serve_cfg, tmp_path):
+    import base64
+    import re
+
+    from jobs.report import main as report
+
+    out = report(["+serve.routes.ro={adapter: ro}", "route=ro", "report.bucket_s=5",
+                  f"report.output={tmp_path / 'report.html'}"])
+    page = out.read_text()
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) >= 2 and all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
+    assert "Canary vs production" in page and "rollback" in page and "promote" in page
+    (tmp_path / "traffic.png").write_bytes(base64.b64decode(images[1]))

@@ -142,6 +142,54 @@ def test_requests_are_logged(serve_cfg):
     assert r["format_valid"] in (True, False) and r["messages"][-1]["content"].startswith("Context:")
 
 
+def test_feedback_job_turns_rated_traffic_into_a_dataset_version(http, serve_cfg):
+    from jobs.feedback import main as feedback_main
+    from tandem.data.store import DatasetStore
+
+    ids = {}
+    for key, question in [("good", "Who painted A Sunday Afternoon?"), ("again", "Who painted A Sunday Afternoon?"),
+                          ("fixed", QUESTION), ("phone", "How do I reach the museum?"),
+                          ("bad", "What is Bicycle Thieves?"), ("unrated", "Anything?")]:
+        ids[key] = chat(http, "assistant@1", question, max_tokens=8).json()["id"]
+    fixed = '{"answer": "2001: A Space Odyssey", "sources": [1]}'
+    for key, body in [("good", {"rating": 1}), ("again", {"rating": 1}), ("bad", {"rating": -1}),
+                      ("fixed", {"rating": -1, "correction": fixed}),
+                      ("phone", {"rating": -1, "correction": "Call +1 555-123-4567."})]:
+        assert http.post("/v1/feedback", json={"request_id": ids[key], **body}).status_code == 200
+    manifest = feedback_main(["route=assistant", "name=assistant-feedback", "dataset.pii=drop",
+                              "dataset.max_reject_fraction=0.5"])
+    lineage = manifest["lineage"]
+    # One row per prompt: `again` supersedes `good`, and `fixed` supersedes bob's earlier correction of the same
+    # question; the phone number is rejected by the same validation as any training data, with its request id.
+    assert manifest["rows"]["total"] == 2 and manifest["rows"]["rejected"] == 1
+    assert set(lineage["rows"].values()) == {ids["again"], ids["fixed"]} and lineage["corrected"] == 2
+    assert lineage["skipped"]["superseded"] == 2 and lineage["skipped"]["rated bad, no correction"] >= 1
+    assert lineage["skipped"]["unrated"] >= 1
+    version = DatasetStore(serve_cfg.dataset.root).resolve(f"assistant-feedback@{manifest['version']}")
+    rejected = (version.path / "rejected.jsonl").read_text()
+    assert ids["phone"] in rejected and "phone number" in rejected
+    rows = version.rows()
+    assert fixed in {r["messages"][-1]["content"] for r in rows}
+    assert all(r["messages"][1]["content"].startswith("Context:\n[1] ") for r in rows)
+
+
+def test_pipeline_trains_and_validates_from_traffic_and_stops_at_a_failed_gate(serve_cfg):
+    """feedback -> finetune -> validate on the live app's logs; the adapter is no better than the base, so no
+    canary starts (a passing run is `make demo`'s path)."""
+    from jobs.pipeline import main as pipeline
+    from tandem.registry import Registry
+
+    before = Registry.from_config(serve_cfg).aliases("demo")
+    steps = pipeline(["route=assistant", "serve.routes.assistant.adapter=demo", "dataset.pii=drop",
+                      "dataset.max_reject_fraction=0.5", "dataset.eval_fraction=0.5", "feedback.name=assistant-pipeline", "train.max_steps=2",
+                      "train.num_workers=2", "train.cpus_per_worker=0.5", "train.batch_size=1",
+                      "train.max_length=256", "train.checkpoint_every=2", "validate.max_eval_rows=2",
+                      "validate.retention_docs=2", "validate.max_new_tokens=16"])
+    assert steps["dataset"].startswith("assistant-pipeline@") and steps["adapter"] == "demo@4"
+    assert not steps["validated"] and steps["reasons"] and "canary" not in steps
+    assert Registry.from_config(serve_cfg).aliases("demo") == {**before, "candidate": "4"}
+
+
 @pytest.mark.parametrize("body, status, param", [
     ({"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
     ({"model": "demo@9", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),

@@ -109,3 +109,47 @@ def test_task_scores_and_token_f1():
 def test_job_shorthands_expand_to_config_keys():
     cfg = config_from_argv("finetune", ["dataset=demo@latest", "train.max_steps=3"], {"dataset": "dataset.ref"})
     assert cfg.dataset.ref == "demo@latest" and cfg.train.max_steps == 3
+
+
+def test_rollout_decisions():
+    from types import SimpleNamespace
+
+    from tandem.rollout import ADVANCE, HOLD, PROMOTE, ROLLBACK, Rollout, decide, variant_metrics
+
+    gates = SimpleNamespace(max_error_rate=0.05, max_latency_p95_ratio=2.0, max_negative_feedback_rate=0.25,
+                            min_format_valid=0.9)
+    cfg = SimpleNamespace(min_requests=4, min_seconds=10, gates=gates)
+
+    def rec(i, variant, status="ok", latency=100.0, valid=True):
+        return {"request_id": f"r{variant}{i}", "route": "a", "variant": variant, "status": status, "time": 100 + i,
+                "latency_ms": latency, "format_valid": valid}
+
+    production = [rec(i, "production") for i in range(10)]
+    rollout = Rollout("ad", "2", [0.5, 1.0], step_started=100)
+    m = variant_metrics(production + [rec(i, "canary") for i in range(3)], [], "a", 100)
+    assert decide(rollout, m, cfg, now=200) == (HOLD, ["3 canary requests < 4 this step"])
+    healthy = production + [rec(i, "canary") for i in range(5)]
+    assert decide(rollout, variant_metrics(healthy, [], "a", 100), cfg, now=105)[0] == HOLD  # too early
+    assert decide(rollout, variant_metrics(healthy, [], "a", 100), cfg, now=200)[0] == ADVANCE
+    rollout.step = 1
+    assert decide(rollout, variant_metrics(healthy, [], "a", 100), cfg, now=200)[0] == PROMOTE
+    for bad, why in [([rec(i, "canary", status="error") for i in range(5)], "error rate"),
+                     ([rec(i, "canary", latency=900) for i in range(5)], "p95 latency"),
+                     ([rec(i, "canary", valid=False) for i in range(5)], "valid output format")]:
+        action, reasons = decide(rollout, variant_metrics(production + bad, [], "a", 100), cfg, now=200)
+        assert action == ROLLBACK and why in reasons[0]
+    feedback = [{"request_id": f"rcanary{i}", "rating": -1} for i in range(2)]
+    action, reasons = decide(rollout, variant_metrics(healthy, feedback, "a", 100), cfg, now=200)
+    assert action == ROLLBACK and "negative feedback" in reasons[0]
+
+
+def test_grafana_dashboard_uses_the_metrics_the_app_exports():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    defined = set(re.findall(r'(?:Counter|Histogram)\("(tandem_\w+)"', (root / "serving/metrics.py").read_text()))
+    dashboard = json.loads((root / "cluster/grafana/tandem-serving.json").read_text())
+    used = {m for p in dashboard["panels"] for t in p["targets"]
+            for m in re.findall(r"ray_(tandem_\w+?)(?:_total|_bucket)\b", t["expr"])}
+    assert used and used <= defined and defined <= used | {"tandem_retrieved_chunks"}

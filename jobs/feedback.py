@@ -1,0 +1,88 @@
+"""Served traffic back into training: logged interactions and their feedback become a new dataset version.
+
+    python -m jobs.feedback route=assistant [since=2026-11-01] [name=assistant-feedback]
+
+- An answer rated good (rating 1) becomes a row: the prompt exactly as it was served (for a RAG route: the system
+  prompt, the numbered retrieved context and the question) and the answer.
+- A corrected answer (any rating) becomes a row with the correction in place of the answer.
+- Answers rated bad without a correction, unrated, failed and shadow answers are left out, and counted.
+The rows then go through the same validation and store as any training data (`tandem.data.ingest`): duplicates and
+bad rows are rejected with their reason and request id; the version's manifest maps every row to its request id.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from tandem.config import config_from_argv, require
+from tandem.data.ingest import ingest
+from tandem.requestlog import read_log
+
+SHORT = {"route": "feedback.route", "since": "feedback.since", "name": "feedback.name"}
+
+
+def training_rows(requests: list[dict], feedback: list[dict], route: str) -> tuple[list[dict], dict]:
+    """(rows with their request id, counts of what was left out and why).
+
+    One row per distinct prompt: a correction beats a good rating, and a later one an earlier one, so the same
+    question asked twice does not teach two answers.
+    """
+    latest = {f["request_id"]: f for f in feedback}  # the last word on a request counts
+    rows, skipped = [], {"unrated": 0, "rated bad, no correction": 0, "neutral": 0, "not ok": 0, "superseded": 0}
+    for r in requests:
+        if r["route"] != route or r["variant"] == "shadow":
+            continue
+        if r["status"] != "ok":
+            skipped["not ok"] += 1
+            continue
+        f = latest.get(r["request_id"])
+        answer = None
+        if f is None:
+            skipped["unrated"] += 1
+        elif f.get("correction"):
+            answer = f["correction"]
+        elif f["rating"] > 0:
+            answer = r["response"]
+        else:
+            skipped["rated bad, no correction" if f["rating"] < 0 else "neutral"] += 1
+        if answer is not None:
+            rows.append({"messages": [*r["messages"], {"role": "assistant", "content": answer}],
+                         "request_id": r["request_id"], "corrected": bool(f.get("correction")),
+                         "rank": (bool(f.get("correction")), f["time"])})
+    best: dict[str, dict] = {}
+    for row in rows:
+        key = json.dumps(row["messages"][:-1], sort_keys=True)
+        if key in best:
+            skipped["superseded"] += 1
+            if row["rank"] < best[key]["rank"]:
+                continue
+        best[key] = row
+    return [{k: v for k, v in row.items() if k != "rank"} for row in best.values()], skipped
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = config_from_argv("feedback", sys.argv[1:] if argv is None else argv, SHORT)
+    f = cfg.feedback
+    route = require(f.route, "route")
+    name = f.name or f"{route}-feedback"
+    requests, feedback = read_log(cfg.serve.request_log, f.since), read_log(cfg.serve.feedback_log, f.since)
+    rows, skipped = training_rows(requests, feedback, route)
+    print(f"{route}: {len(rows)} rows from {len(requests)} logged requests and {len(feedback)} feedback records; "
+          f"left out: {skipped}")
+    if not rows:
+        raise SystemExit(f"error: no rated or corrected answers for route {route!r} since {f.since or 'the start'}")
+    export = Path(f.exports).expanduser() / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+    export.parent.mkdir(parents=True, exist_ok=True)
+    export.write_text("".join(json.dumps({"messages": r["messages"]}, ensure_ascii=False) + "\n" for r in rows))
+    lineage = {"source": "served traffic", "route": route, "since": f.since, "skipped": skipped,
+               "corrected": sum(r["corrected"] for r in rows)}
+    manifest = ingest(cfg, name, export.read_text().splitlines(), str(export), lineage,
+                      {i: r["request_id"] for i, r in enumerate(rows, start=1)})
+    return manifest
+
+
+if __name__ == "__main__":
+    main()

@@ -181,7 +181,8 @@ def test_pipeline_trains_and_validates_from_traffic_and_stops_at_a_failed_gate(s
 
     before = Registry.from_config(serve_cfg).aliases("demo")
     steps = pipeline(["route=assistant", "serve.routes.assistant.adapter=demo", "dataset.pii=drop",
-                      "dataset.max_reject_fraction=0.5", "dataset.eval_fraction=0.5", "feedback.name=assistant-pipeline", "train.max_steps=2",
+                      "dataset.max_reject_fraction=0.5", "dataset.eval_fraction=0.5",
+                      "feedback.name=assistant-pipeline", "train.max_steps=2",
                       "train.num_workers=2", "train.cpus_per_worker=0.5", "train.batch_size=1",
                       "train.max_length=256", "train.checkpoint_every=2", "validate.max_eval_rows=2",
                       "validate.retention_docs=2", "validate.max_new_tokens=16"])

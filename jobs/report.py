@@ -35,9 +35,12 @@ def _png(fig) -> str:
 
 def training_plot(registry: Registry, ref: str, plt) -> str:
     version = registry.resolve(ref)
+    curves = {key: sorted(registry.client.get_metric_history(version.run_id, key), key=lambda m: m.step)
+              for key in ("loss", "eval_loss")}
+    if not any(curves.values()):
+        return f"<p>{html.escape(ref)} (version {version.version}) has no training metrics in its run.</p>"
     fig, ax = plt.subplots(figsize=(7, 3.2))
-    for key in ("loss", "eval_loss"):
-        history = sorted(registry.client.get_metric_history(version.run_id, key), key=lambda m: m.step)
+    for key, history in curves.items():
         if history:
             ax.plot([m.step for m in history], [m.value for m in history], marker="o", label=key)
     ax.set(xlabel="step", ylabel="loss", title=f"{version.name}@{version.version}: training")

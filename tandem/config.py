@@ -141,6 +141,7 @@ class TrainConfig:
     adapter_name: Optional[str] = None  # registered model the adapter becomes a version of; default: the dataset's
     num_workers: int = 2
     use_gpu: bool = False
+    backend: Optional[str] = None  # nccl | gloo; null: nccl with GPUs, else gloo
     cpus_per_worker: float = 1.0
     quantization: str = "nf4"  # nf4 (QLoRA, double quantization) | int8 | none (bf16/fp32 LoRA)
     deepspeed: Optional[str] = "zero2"  # a file in conf/deepspeed/ or a path; null: plain DDP

@@ -54,11 +54,12 @@ def _batches(rows: list[dict], pad_id: int):
 
 def train_loop(config: dict) -> None:
     """The function every Ray Train worker runs."""
-    use_gpu = config["train"]["use_gpu"]
+    import torch
+
+    use_gpu = config["train"]["use_gpu"] and torch.cuda.is_available()  # a GPU worker without CUDA: the CPU
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")  # before DeepSpeed is imported
     import pyarrow.parquet as pq
     import ray.train
-    import torch
     import torch.distributed as dist
 
     from tandem.models import load_for_training
@@ -67,7 +68,7 @@ def train_loop(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = torch.device("cpu")
-    if use_gpu and torch.cuda.is_available():  # a GPU worker on a node without CUDA falls back to the CPU
+    if use_gpu:
         device = torch.device("cuda", ctx.get_local_rank())
         torch.cuda.set_device(device)
     torch.manual_seed(t["seed"])
@@ -213,7 +214,7 @@ def make_trainer(cfg, config: dict, run_name: str):
         train_loop,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
-        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=t.backend or ("nccl" if t.use_gpu else "gloo")),
         run_config=RunConfig(name=run_name, storage_path=str(Path(t.storage_path).expanduser().resolve()),
                              checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=t.max_failures)),

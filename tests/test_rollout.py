@@ -134,6 +134,7 @@ def test_report_renders_traffic_and_decisions(serve_cfg, tmp_path):
                   f"report.output={tmp_path / 'report.html'}"])
     page = out.read_text()
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
-    assert len(images) >= 2 and all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
+    assert images and all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
+    assert "has no training metrics" in page  # random adapters: no run metrics to plot
     assert "Canary vs production" in page and "rollback" in page and "promote" in page
-    (tmp_path / "traffic.png").write_bytes(base64.b64decode(images[1]))
+    (tmp_path / "traffic.png").write_bytes(base64.b64decode(images[0]))

@@ -1,0 +1,83 @@
+"""A three-node Ray cluster on one machine (ray.cluster_utils.Cluster): a CPU head and two nodes declaring one
+fake GPU each, to check where Tandem's GPU work lands. Run by tests/test_cluster.py in its own process (a process
+holds one Ray connection); prints one JSON line of findings.
+
+    python tests/multinode.py WORKDIR MILVUS_URI CORPUS_DIR HTTP_PORT
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def actor_nodes(class_fragment: str) -> list[str]:
+    from ray.util.state import list_actors
+
+    return [a.node_id for a in list_actors(filters=[("class_name", "=", class_fragment)], limit=1000, detail=False)]
+
+
+def main(workdir: str, milvus_uri: str, corpus: str, port: str) -> dict:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    os.environ["TANDEM_HOME"] = workdir
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": True,
+                                                           "dashboard_host": "127.0.0.1"})
+    gpu_nodes = [cluster.add_node(num_cpus=1, num_gpus=1).node_id for _ in range(2)]
+    ray.init(address=cluster.address, log_to_driver=False)
+    cluster.wait_for_nodes()
+    findings: dict = {"gpu_nodes": gpu_nodes, "head": ray.get_runtime_context().get_node_id()}
+
+    # Embedding: one actor per GPU, on the GPU nodes, each falling back to the CPU inside (no CUDA here).
+    from jobs.index import main as index_main
+
+    summary = index_main([f"corpus.path={corpus}", f"store.uri={milvus_uri}", "store.collection=multinode",
+                          "embedder.num_actors=2", "embedder.num_gpus=1", "embedder.num_cpus=0.5",
+                          "embedder.torch_threads=1", "index.prepare_num_cpus=0.1", "index.io_num_cpus=0.1"])
+    findings["index"] = {"chunks": summary["chunks_written"], "rows": summary["rows_after"],
+                         "embedder_nodes": actor_nodes("MapWorker(MapBatches(EmbedChunks))")}
+
+    # Train: two workers with a GPU each (ZeRO-2 over gloo, as there is no CUDA for NCCL).
+    from jobs.dataset import main as dataset_main
+    from jobs.finetune import main as finetune_main
+
+    rows = Path(workdir) / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"What is {n}?", "response": f"{n} is a number."}) + "\n"
+                            for n in range(12)))
+    version = dataset_main(["add", "name=numbers", f"path={rows}", "dataset.eval_fraction=0.2"])["version"]
+    trained = finetune_main([f"dataset=numbers@{version}", "train.use_gpu=true", "train.backend=gloo",
+                             "train.num_workers=2", "train.cpus_per_worker=0.5", "train.max_steps=2",
+                             "train.checkpoint_every=2", "train.batch_size=1", "train.max_length=64"])
+    findings["train"] = {"step": trained["metrics"]["step"], "worker_nodes": actor_nodes("RayTrainWorker")}
+
+    # Serve: two LLM replicas asking for a GPU each; the Router and Retriever need none.
+    from ray import serve
+
+    from serving.app import build_app
+    from tandem.config import load_config
+
+    cfg = load_config("serve", [f"store.uri={milvus_uri}", "serve.llm.num_replicas=2",
+                                "serve.llm.num_gpus=1", "serve.llm.num_cpus=0.25", "serve.retriever.num_cpus=0.1",
+                                "serve.controller=false", "serve.routes.assistant.collection=multinode"])
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": int(port)})
+    serve.run(build_app(cfg), name="tandem", route_prefix="/")
+    llm = serve.get_deployment_handle("LLM", "tandem")
+    reply = list(llm.options(stream=True).remote({"prompt": "Hello", "adapter": None, "max_tokens": 2,
+                                                  "temperature": 0.0, "top_p": 1.0, "stop": []}))
+    findings["serve"] = {"llm_nodes": actor_nodes("ServeReplica:tandem:LLM"),
+                         "router_nodes": actor_nodes("ServeReplica:tandem:Router"),
+                         "generated": reply[-1]["completion_tokens"]}
+    serve.shutdown()
+    ray.shutdown()
+    cluster.shutdown()
+    print("FINDINGS " + json.dumps(findings), flush=True)
+    return findings
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:5])

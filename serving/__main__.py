@@ -34,11 +34,11 @@ def main(argv: list[str] | None = None) -> None:
     cfg = config_from_argv("serve", sys.argv[1:] if argv is None else argv)
     s = cfg.serve
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     with ray_session(cfg.ray):
         serve.start(http_options={"host": s.host, "port": s.port})
         serve.run(build_app(cfg), name=s.app_name, route_prefix=s.route_prefix)
+        for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs handlers of its own
+            signal.signal(sig, lambda *_: stop.set())
         base_url = f"http://{s.host}:{s.port}{s.route_prefix.rstrip('/')}"
         route = next(iter(s.routes), None)
         if s.ask and route:
@@ -55,6 +55,8 @@ print(c.chat.completions.create(model='{route}', messages=[{{'role': 'user', 'co
   GET {base_url}/v1/models · POST {base_url}/v1/retrieve · POST {base_url}/v1/feedback · GET {base_url}/healthz
 """, flush=True)
         stop.wait()
+        print("stopping: in-flight requests finish first", flush=True)
+        serve.delete(s.app_name)  # drains the replicas while the proxy still delivers their answers
         serve.shutdown()
 
 

@@ -55,14 +55,15 @@ def main(workdir: str, milvus_uri: str, corpus: str, port: str) -> dict:
                              "train.checkpoint_every=2", "train.batch_size=1", "train.max_length=64"])
     findings["train"] = {"step": trained["metrics"]["step"], "worker_nodes": actor_nodes("RayTrainWorker")}
 
-    # Serve: two LLM replicas asking for a GPU each; the Router and Retriever need none.
+    # Serve: two LLM replicas asking for a GPU each, the base in 4-bit NF4; the Router and Retriever need none.
     from ray import serve
 
     from serving.app import build_app
     from tandem.config import load_config
 
     cfg = load_config("serve", [f"store.uri={milvus_uri}", "serve.llm.num_replicas=2",
-                                "serve.llm.num_gpus=1", "serve.llm.num_cpus=0.25", "serve.retriever.num_cpus=0.1",
+                                "serve.llm.num_gpus=1", "serve.llm.num_cpus=0.25", "serve.llm.quantization=nf4",
+                                "serve.retriever.num_cpus=0.1",
                                 "serve.controller=false", "serve.routes.assistant.collection=multinode"])
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": int(port)})
     serve.run(build_app(cfg), name="tandem", route_prefix="/")

@@ -191,6 +191,20 @@ def test_pipeline_trains_and_validates_from_traffic_and_stops_at_a_failed_gate(s
     assert Registry.from_config(serve_cfg).aliases("demo") == {**before, "candidate": "4"}
 
 
+def test_prometheus_metrics_are_exported(ray_cluster, http):
+    """The app's metrics reach Ray's Prometheus endpoint, labelled by route, variant and adapter."""
+    import ray
+
+    port = ray.nodes()[0]["MetricsExportPort"]
+    deadline = time.monotonic() + 120
+    while "ray_tandem_requests" not in (text := httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text):
+        assert time.monotonic() < deadline, "no tandem metrics exported"
+        time.sleep(2)
+    requests = [line for line in text.splitlines() if line.startswith("ray_tandem_requests")]
+    assert any('route="assistant"' in line and 'adapter="demo@' in line and 'variant="' in line for line in requests)
+    assert "ray_tandem_latency_ms_bucket" in text and "ray_tandem_adapter_loads" in text
+
+
 @pytest.mark.parametrize("body, status, param", [
     ({"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
     ({"model": "demo@9", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),

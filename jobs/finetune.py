@@ -43,6 +43,10 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = load_tokenizer(base)
     features = build_features(version.rows(), tokenizer, cfg.train.max_length,
                               version.path / "features" / f"{base.sha256[:12]}-{cfg.train.max_length}.parquet")
+    train_rows = version.manifest()["rows"]["train"]
+    if train_rows < cfg.train.num_workers:
+        raise SystemExit(f"error: {version.ref} has {train_rows} training rows, fewer than train.num_workers="
+                         f"{cfg.train.num_workers}; every worker needs at least one")
     run_name = cfg.train.name or f"{version.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     adapter_name = cfg.train.adapter_name or version.name
     registry = Registry.from_config(cfg)

@@ -1,8 +1,8 @@
 """The LLM deployment: one base model per replica, LoRA adapters loaded on demand, mixed-adapter batches, streaming.
 
-- Adapters are Serve-multiplexed (`@serve.multiplexed`): the router sends a request with the adapter id as its
-  multiplexed model id, so it lands on a replica that already holds that adapter when one exists. A replica keeps
-  `max_adapters` adapters (LRU); an evicted adapter is deleted from the PEFT model, freeing its weights.
+- Adapters are cached per replica by `@serve.multiplexed` (LRU of `max_adapters`); an evicted adapter is deleted
+  from the PEFT model, freeing its weights. Requests carry the adapter id in their payload, not as Serve's
+  multiplexed model id: Serve splits a batch by that id, and the point here is the opposite.
 - Requests for different adapters share one batch (`@serve.batch`) and one forward pass per step: PEFT's
   mixed-adapter batches (`adapter_names=`) route each row through its own LoRA weights (the S-LoRA/Punica idea),
   instead of serving one adapter at a time.
@@ -54,6 +54,7 @@ class LLM:
         self.peft = None  # the PeftModel around the base, made when the first adapter arrives
         self.lock = threading.Lock()  # generation vs adapter load/delete
         self.loads = self.evictions = 0
+        self.passes = self.most_rows = self.most_adapters = 0  # generate calls, and the widest of them
         self.metrics = AdapterMetrics()
         self.registry = Registry.from_config(cfg)
         self.generate.set_max_batch_size(llm.max_batch_size)
@@ -99,7 +100,8 @@ class LLM:
 
     def stats(self) -> dict:
         return {"loaded": self.loaded(), "loads": self.loads, "evictions": self.evictions,
-                "max_adapters": self.max_adapters}
+                "max_adapters": self.max_adapters, "generate_calls": self.passes, "most_rows": self.most_rows,
+                "most_adapters_in_one_call": self.most_adapters}
 
     # generation
     def _groups(self, requests: list[dict]) -> list[list[int]]:
@@ -154,6 +156,9 @@ class LLM:
                 model, names = self.peft, [requests[i]["adapter"] or BASE for i in rows]
             else:  # no adapter loaded yet: the plain model
                 model, names = self.model, None
+            self.passes += 1
+            self.most_rows = max(self.most_rows, len(rows))
+            self.most_adapters = max(self.most_adapters, len({requests[i]["adapter"] for i in rows}))
             stream = start_stream(model, self.tokenizer, completions, names, self.lock)
             steps = stream.events()
             while (step := await asyncio.to_thread(next, steps, None)) is not None:

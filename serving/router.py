@@ -180,7 +180,9 @@ class Router:
         payload = {"prompt": prompt, "adapter": choice.adapter, "max_tokens": max_tokens,
                    "temperature": body.temperature or 0.0, "top_p": body.top_p or 1.0, "stop": body.stop or [],
                    "ignore_eos": body.ignore_eos}
-        events = self.llm.options(stream=True, multiplexed_model_id=choice.adapter or "").remote(payload)
+        # No multiplexed_model_id: Serve splits a batch by it, which would undo mixed-adapter batches. Any LLM
+        # replica serves any adapter, loading it on demand.
+        events = self.llm.options(stream=True).remote(payload)
         record = {"request_id": request_id, "model": body.model, "route": route.name, "variant": choice.variant,
                   "adapter": choice.adapter, "user_hash": user_hash(body.user), "messages": messages,
                   "rag": route.cfg.rag, "retrieved": [s["id"] for s in sources], "stream": body.stream,
@@ -218,7 +220,7 @@ class Router:
         """The canary answers a copy of the request; the answer is logged, never returned."""
         started, text, last, status, message = time.perf_counter(), "", {}, "ok", None
         try:
-            async for event in self.llm.options(stream=True, multiplexed_model_id=payload["adapter"]).remote(payload):
+            async for event in self.llm.options(stream=True).remote(payload):
                 if "error" in event:
                     status, message = "error", event["error"]
                     break

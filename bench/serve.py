@@ -8,7 +8,8 @@
    the same rendered prompt, max_tokens=1: the p50 difference is what the proxy and the Router add.
 3. Mixed-adapter batching: one burst of concurrent requests spread over 8 adapters vs the same burst on one adapter
    (all adapters loaded first), every request generating exactly max_tokens (`ignore_eos`, so different adapters'
-   answer lengths do not count): generated tokens/s and their ratio; runs alternate, the median counts.
+   answer lengths do not count): generated tokens/s and their ratio; runs alternate, the median counts. The LLM's
+   stats say how wide its generate calls were (rows, and adapters in one forward pass).
 """
 
 from __future__ import annotations
@@ -81,7 +82,10 @@ def main() -> dict:
         index_main([f"corpus.path={corpus.parent}", f"store.uri={uri}", "store.collection=wiki"])
         cfg = load_config("serve", [f"store.uri={uri}", "serve.port=8019", "embedder.torch_threads=1",
                                     "+serve.routes.bench={adapter: bench, rag: false}", "serve.llm.max_adapters=8",
-                                    "serve.llm.max_batch_size=8", f"serve.llm.max_new_tokens={args.max_tokens}"])
+                                    "serve.llm.max_batch_size=8", f"serve.llm.max_new_tokens={args.max_tokens}",
+                                    # Serve forms the next batch while the current one runs, from requests that
+                                    # arrive within this window: wide enough that a burst fills batches of 8
+                                    "serve.llm.batch_wait_timeout_s=1.0"])
         registry = Registry.from_config(cfg)
         base = prepare_base(cfg.model.path, cfg.model.cache_dir, cfg.model.dtype)
         try:

@@ -25,7 +25,7 @@ def build_app(cfg) -> Application:
         raise ValueError(f"store.uri={cfg.store.uri} is Milvus Lite, which one process opens: use one retriever "
                          f"replica or a Milvus server URI (http://...)")
     retriever = serve.deployment(Retriever).options(
-        name="Retriever", num_replicas=s.retriever.num_replicas,
+        name="Retriever", num_replicas=s.retriever.num_replicas, max_ongoing_requests=s.retriever.max_ongoing_requests,
         ray_actor_options={"num_cpus": s.retriever.num_cpus},
     ).bind(cfg.store, cfg.embedder, s.retriever.max_batch_size, s.retriever.batch_wait_timeout_s)
     llm = serve.deployment(LLM).options(
@@ -34,7 +34,8 @@ def build_app(cfg) -> Application:
     ).bind(cfg)
     controller = serve.deployment(RolloutController).options(
         name="RolloutController", num_replicas=1, ray_actor_options={"num_cpus": 0}).bind(cfg) if s.controller else None
-    return Router.options(num_replicas=s.router_replicas).bind(cfg, retriever, llm, controller)
+    return Router.options(num_replicas=s.router_replicas, max_ongoing_requests=s.router_max_ongoing_requests).bind(
+        cfg, retriever, llm, controller)
 
 
 def app(args: dict) -> Application:

@@ -229,6 +229,7 @@ class RetrieverServeConfig:
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.01
     max_k: int = 50
+    max_ongoing_requests: int = 64
 
 
 @dataclass
@@ -245,6 +246,7 @@ class ServeConfig:
     request_log: str = "${workdir}/requests"  # append-only JSONL partitions; a shared path on a cluster
     feedback_log: str = "${workdir}/feedback"
     router_replicas: int = 1
+    router_max_ongoing_requests: int = 128  # per Router replica (Serve's default, 5, would cap the LLM's batches)
     ask: Optional[str] = None  # python -m serving: ask the first route this question once the app is up
     refresh_s: float = 5.0  # how often routers re-read aliases, weights and rollout state from the registry
     controller: bool = True  # run the rollout controller in the app

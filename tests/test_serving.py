@@ -15,6 +15,7 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import negative_data_rejection
 
 from tandem.canary import assign
+from tandem.registry import Registry
 from tandem.requestlog import read_log
 
 QUESTION = "Which 1968 science fiction film did Stanley Kubrick direct?"
@@ -111,10 +112,25 @@ def test_mixed_adapter_batches_and_eviction(base_url, serve_cfg):
     assert after["most_adapters_in_one_call"] >= 2  # base and adapters, or two adapters, in one forward pass
     assert len(after["loaded"]) <= 2 and after["evictions"] > before["evictions"]
     assert after["loads"] >= before["loads"] + 1
-    # Each row went through its own adapter: alone, each model gives the same text as in the mixed batch.
+    # Each row went through its own adapter: alone, each model gives the same text as in the mixed batch, and
+    # that text is what the adapter gives on its own in this process (PEFT, no Serve, no batching).
     alone = [_concurrent_run(base_url, [m])[0]["choices"][0]["message"]["content"] for m in models]
     assert mixed == alone
-    assert len(set(alone)) >= 3  # the adapters really change the output
+    assert alone == [reference_answer(serve_cfg, m) for m in models]
+
+
+def reference_answer(cfg, model: str) -> str:
+    """10 greedy tokens for "Name a colour." from the base plus this adapter alone (`chat`: the base)."""
+    from tandem.generation import Completion, start_stream
+    from tandem.models import load_for_inference, load_tokenizer, prepare_base
+
+    base = prepare_base(cfg.model.path, cfg.model.cache_dir, cfg.model.dtype)
+    adapter = Registry.from_config(cfg).download(model) if "@" in model else None
+    llm, tokenizer = load_for_inference(base.path, adapter), load_tokenizer(base)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Name a colour."}], add_generation_prompt=True,
+                                           tokenize=False)
+    stream = start_stream(llm, tokenizer, [Completion(prompt, 10, ignore_eos=True)])
+    return "".join(e["text"] for step in stream.events() for e in step if e)
 
 
 def _concurrent_run(base_url: str, models: list[str]) -> list[dict]:

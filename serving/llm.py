@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 
 from ray import serve
@@ -22,6 +23,7 @@ from tandem.generation import Completion, start_stream
 from tandem.models import load_for_inference, load_tokenizer, prepare_base
 from tandem.registry import Registry
 
+logger = logging.getLogger("ray.serve")
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
 
@@ -72,6 +74,8 @@ class LLM:
         """`name@version` from the registry, checked against this base, loaded next to the other adapters."""
         path = await asyncio.to_thread(self.registry.download, adapter_id)
         manifest = verify_adapter(path, self.base.sha256)
+        logger.info("loading adapter %s from %s (sha256 %s, dataset %s)", adapter_id, path, manifest["sha256"][:12],
+                    manifest.get("dataset"))
         await asyncio.to_thread(self._load, adapter_id, path)
         self.loads += 1
         self.metrics.loads.inc(1, {"adapter": adapter_id})

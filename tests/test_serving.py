@@ -114,21 +114,23 @@ def test_mixed_adapter_batches_and_eviction(base_url, serve_cfg):
     assert after["loads"] >= before["loads"] + 1
     # Each row went through its own adapter: alone, each model gives the same text as in the mixed batch, and
     # that text is what the adapter gives on its own in this process (PEFT, no Serve, no batching).
-    alone = [_concurrent_run(base_url, [m])[0]["choices"][0]["message"]["content"] for m in models]
+    replies = [_concurrent_run(base_url, [m])[0] for m in models]
+    alone = [r["choices"][0]["message"]["content"] for r in replies]
     assert mixed == alone
-    assert alone == [reference_answer(serve_cfg, m) for m in models]
+    # demo@N is the `assistant` route's adapter, so it answers that route's RAG prompt: the logged one
+    logged = {r["request_id"]: r["messages"] for r in read_log(serve_cfg.serve.request_log)}
+    assert alone == [reference_answer(serve_cfg, m, logged[r["id"]]) for m, r in zip(models, replies)]
 
 
-def reference_answer(cfg, model: str) -> str:
-    """10 greedy tokens for "Name a colour." from the base plus this adapter alone (`chat`: the base)."""
+def reference_answer(cfg, model: str, messages: list[dict]) -> str:
+    """10 greedy tokens for `messages` from the base plus this adapter alone (`chat`: the base)."""
     from tandem.generation import Completion, start_stream
     from tandem.models import load_for_inference, load_tokenizer, prepare_base
 
     base = prepare_base(cfg.model.path, cfg.model.cache_dir, cfg.model.dtype)
     adapter = Registry.from_config(cfg).download(model) if "@" in model else None
     llm, tokenizer = load_for_inference(base.path, adapter), load_tokenizer(base)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Name a colour."}], add_generation_prompt=True,
-                                           tokenize=False)
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     stream = start_stream(llm, tokenizer, [Completion(prompt, 10, ignore_eos=True)])
     return "".join(e["text"] for step in stream.events() for e in step if e)
 

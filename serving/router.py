@@ -20,7 +20,6 @@ from collections import OrderedDict
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from omegaconf import OmegaConf
 from ray import serve
 from starlette.exceptions import HTTPException
 
@@ -85,10 +84,6 @@ class Router:
         self.feedback_log = JsonlLog(cfg.serve.feedback_log)
         self.recent: OrderedDict[str, None] = OrderedDict()  # request ids this replica served, for feedback
         self.shadows: set = set()  # shadow requests in flight (kept referenced until done)
-
-    def reconfigure(self, user_config: dict) -> None:
-        """Route overrides (weights, pinned versions) and a re-read of the registry aliases, without a restart."""
-        self.table.refresh(OmegaConf.merge(self.cfg.serve.routes, user_config.get("routes") or {}))
 
     def _maybe_refresh(self) -> None:
         """Pick up promotions and rollout steps from the registry every serve.refresh_s, off the request path:

@@ -47,9 +47,8 @@ class RouteTable:
         self.routes: dict[str, Route] = {}
         self.refresh()
 
-    def refresh(self, routes_cfg=None) -> None:
-        """Re-read the aliases (and new config) — what a rollout step or a promotion changes."""
-        self.routes_cfg = routes_cfg if routes_cfg is not None else self.routes_cfg
+    def refresh(self) -> None:
+        """Re-read the aliases, weights and rollout state: what a rollout step or a promotion changes."""
         self.routes = {name: self._resolve(name, route_config(cfg)) for name, cfg in self.routes_cfg.items()}
 
     def _version(self, adapter: str, which: str) -> str | None:

@@ -21,21 +21,29 @@ def build_app(cfg) -> Application:
     s = cfg.serve
     for route in s.routes.values():
         route_config(route)  # a typo in a route fails here, not in a replica
-    if not is_server_uri(cfg.store.uri) and s.retriever.num_replicas > 1:
+    if not is_server_uri(cfg.store.uri) and (s.retriever.autoscaling or s.retriever.num_replicas > 1):
         raise ValueError(f"store.uri={cfg.store.uri} is Milvus Lite, which one process opens: use one retriever "
-                         f"replica or a Milvus server URI (http://...)")
+                         f"replica (no autoscaling) or a Milvus server URI (http://...)")
     retriever = serve.deployment(Retriever).options(
-        name="Retriever", num_replicas=s.retriever.num_replicas, max_ongoing_requests=s.retriever.max_ongoing_requests,
+        name="Retriever", max_ongoing_requests=s.retriever.max_ongoing_requests, **_scaling(s.retriever),
         ray_actor_options={"num_cpus": s.retriever.num_cpus},
     ).bind(cfg.store, cfg.embedder, s.retriever.max_batch_size, s.retriever.batch_wait_timeout_s)
     llm = serve.deployment(LLM).options(
-        name="LLM", num_replicas=s.llm.num_replicas, max_ongoing_requests=s.llm.max_ongoing_requests,
+        name="LLM", max_ongoing_requests=s.llm.max_ongoing_requests, **_scaling(s.llm),
         ray_actor_options={"num_cpus": s.llm.num_cpus, "num_gpus": s.llm.num_gpus},
     ).bind(cfg)
     controller = serve.deployment(RolloutController).options(
         name="RolloutController", num_replicas=1, ray_actor_options={"num_cpus": 0}).bind(cfg) if s.controller else None
     return Router.options(num_replicas=s.router_replicas, max_ongoing_requests=s.router_max_ongoing_requests).bind(
         cfg, retriever, llm, controller)
+
+
+def _scaling(d) -> dict:
+    """A fixed `num_replicas`, or Serve's autoscaling (Serve refuses both at once); optionally spread over nodes."""
+    options = {"autoscaling_config": dict(d.autoscaling)} if d.autoscaling else {"num_replicas": d.num_replicas}
+    if d.max_replicas_per_node:
+        options["max_replicas_per_node"] = d.max_replicas_per_node
+    return options
 
 
 def app(args: dict) -> Application:

@@ -45,11 +45,13 @@ class RouteTable:
         self.routes_cfg = routes_cfg
         self.registry = registry
         self.routes: dict[str, Route] = {}
+        self.pins: dict[tuple[str, str], str | None] = {}
         self.refresh()
 
     def refresh(self) -> None:
         """Re-read the aliases, weights and rollout state: what a rollout step or a promotion changes."""
         self.routes = {name: self._resolve(name, route_config(cfg)) for name, cfg in self.routes_cfg.items()}
+        self.pins = {}  # pinned `adapter@alias` ids resolve again, as of this refresh
 
     def _version(self, adapter: str, which: str) -> str | None:
         from mlflow.exceptions import MlflowException
@@ -86,7 +88,10 @@ class RouteTable:
         if pin:
             if not route.cfg.adapter:
                 raise RouteError(404, f"route {route.name!r} serves the base model and has no versions")
-            adapter = self._version(route.cfg.adapter, pin)
+            key = (route.cfg.adapter, pin)
+            if key not in self.pins:
+                self.pins[key] = self._version(*key)
+            adapter = self.pins[key]
             if adapter is None:
                 raise RouteError(404, f"The model {model!r} does not exist: {route.cfg.adapter!r} has no version "
                                       f"or alias {pin!r}")

@@ -167,7 +167,8 @@ class TrainConfig:
 class MlflowConfig:
     tracking_uri: Optional[str] = None  # None: sqlite:///<workdir>/mlflow.db (tracking and registry)
     experiment: str = "tandem"
-    artifacts: str = "${workdir}/mlartifacts"
+    # where a new experiment keeps its artifacts; null: the tracking server's (`mlflow server --serve-artifacts`)
+    artifacts: Optional[str] = "${workdir}/mlartifacts"
 
 
 @dataclass
@@ -220,6 +221,9 @@ class LLMServeConfig:
     max_new_tokens: int = 512  # the largest max_tokens a request may ask for
     default_max_tokens: int = 128
     max_context: int = 0  # prompt + completion tokens; 0: the model's max_position_embeddings
+    # Serve's autoscaling_config (min_replicas, max_replicas, target_ongoing_requests, ...); empty: num_replicas
+    autoscaling: dict = field(default_factory=dict)
+    max_replicas_per_node: Optional[int] = None  # spread replicas over nodes (Serve's max_replicas_per_node)
 
 
 @dataclass
@@ -230,6 +234,8 @@ class RetrieverServeConfig:
     batch_wait_timeout_s: float = 0.01
     max_k: int = 50
     max_ongoing_requests: int = 64
+    autoscaling: dict = field(default_factory=dict)
+    max_replicas_per_node: Optional[int] = None
 
 
 @dataclass

@@ -31,7 +31,8 @@ def is_server_uri(uri: str) -> bool:
     return uri.startswith(("http://", "https://", "tcp://", "grpc://"))
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on now (for a child server)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -51,7 +52,7 @@ def milvus_endpoint(uri: str, start_timeout_s: float = 60.0) -> Iterator[str]:
         return
     data_dir = Path(uri).expanduser().resolve()
     data_dir.parent.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     log_path = data_dir.parent / f"{data_dir.name}.server.log"
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -69,12 +68,6 @@ def wiki_index(ray_cluster, milvus_server, tmp_path_factory, wiki_rows) -> dict:
     return {r["id"]: r for r in rows}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def serve_cfg(ray_cluster, milvus_server, wiki_index, workdir, tmp_path_factory):
     """The Serve app's config. Route `assistant`: RAG with adapter `demo` (production 1, canary 2 at 50%, 3 only
@@ -84,6 +77,7 @@ def serve_cfg(ray_cluster, milvus_server, wiki_index, workdir, tmp_path_factory)
     from tandem.config import load_config
     from tandem.models import prepare_base
     from tandem.registry import Registry
+    from tandem.store import free_port
 
     overrides = [f"store.uri={milvus_server}", f"serve.port={free_port()}",
                  "+serve.routes.assistant={adapter: demo, rag: true, collection: wiki, k: 2, canary_weight: 0.5}",

@@ -64,13 +64,14 @@ def main(workdir: str, milvus_uri: str, corpus: str, port: str) -> dict:
     cfg = load_config("serve", [f"store.uri={milvus_uri}", "serve.llm.num_replicas=2",
                                 "serve.llm.num_gpus=1", "serve.llm.num_cpus=0.25", "serve.llm.quantization=nf4",
                                 "serve.retriever.num_cpus=0.1", "serve.retriever.num_replicas=2",
+                                "serve.retriever.max_replicas_per_node=1",
                                 "serve.controller=false", "serve.routes.assistant.collection=multinode"])
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": int(port)})
     serve.run(build_app(cfg), name="tandem", route_prefix="/")
     llm = serve.get_deployment_handle("LLM", "tandem")
     reply = list(llm.options(stream=True).remote({"prompt": "Hello", "adapter": None, "max_tokens": 2,
                                                   "temperature": 0.0, "top_p": 1.0, "stop": []}))
-    # Both Retriever replicas read the one Milvus server at once, through the HTTP API.
+    # Both Retriever replicas, on different nodes, read the one Milvus server at once, through the HTTP API.
     import asyncio
 
     import httpx

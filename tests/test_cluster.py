@@ -23,18 +23,43 @@ REPO = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
+# The shape of cluster/kuberay/raycluster.yaml's `gpu` group (and cluster/aws.yaml's GPU types), scaled to this box.
+GPU_WORKER = {"resources": {"CPU": 1, "GPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 2}
+
+
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    """A separate Ray head (its own ports and temp dir) run with --block, so stopping it stops only it."""
+    """A separate autoscaling Ray head (its own ports and temp dir) run with --block, so stopping it stops only it.
+
+    It starts with no GPU; Ray's autoscaler, on its fake multi-node provider, adds GPU workers when tasks ask for
+    GPUs and removes them when idle, as KubeRay's does with pods.
+    """
+    import ray
+    from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_TYPE
+
+    port, dashboard = free_port(), free_port()
+    temp = tmp_path_factory.mktemp("rayhead")
+    autoscaling = temp / "autoscaling.json"
+    autoscaling.write_text(json.dumps({
+        "cluster_name": "tandem-test", "max_workers": 2, "upscaling_speed": 1.0, "idle_timeout_minutes": 1,
+        "provider": {"type": "fake_multinode", "gcs_address": f"{ray.util.get_node_ip_address()}:{port}",
+                     # its nodes are processes here: nothing to set up over ssh, addressed by node id
+                     "use_node_id_as_ip": True, "disable_node_updaters": True, "disable_launch_config_check": True},
+        "auth": {"ssh_user": "ray"}, "head_node_type": FAKE_HEAD_NODE_TYPE,  # the provider's name for the head
+        "available_node_types": {FAKE_HEAD_NODE_TYPE: {"resources": {"CPU": 2}, "node_config": {}, "max_workers": 0},
+                                 "gpu": GPU_WORKER},
+        **{key: [] for key in ("cluster_synced_files", "rsync_exclude", "rsync_filter", "initialization_commands",
+                               "setup_commands", "head_setup_commands", "worker_setup_commands",
+                               "head_start_ray_commands", "worker_start_ray_commands")},
+        "file_mounts": {}, "file_mounts_sync_continuously": False}))
     # as from an activated venv: the job's `python` is this one
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    dashboard = free_port()
-    temp = tmp_path_factory.mktemp("rayhead")
-    proc = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={free_port()}", "--num-cpus=2",
-                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                             f"--ray-client-server-port={free_port()}", f"--temp-dir={temp}",
-                             "--include-dashboard=true"], env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
+                             f"--autoscaling-config={autoscaling}", "--dashboard-host=127.0.0.1",
+                             f"--dashboard-port={dashboard}", f"--ray-client-server-port={free_port()}",
+                             f"--temp-dir={temp}", "--include-dashboard=true"],
+                            env={**env, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"},
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     address = f"http://127.0.0.1:{dashboard}"
     deadline = time.monotonic() + 120
     while subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True).returncode:
@@ -46,25 +71,63 @@ def head(tmp_path_factory):
     proc.wait(timeout=60)
 
 
+def gpu_nodes(address: str, env: dict) -> int:
+    nodes = subprocess.run([RAY, "list", "nodes", "--address", address, "--format", "json", "--detail"],
+                           env=env, capture_output=True, text=True)
+    assert nodes.returncode == 0, nodes.stderr[-2000:]
+    return sum(1 for n in json.loads(nodes.stdout) if n["state"] == "ALIVE" and n["resources_total"].get("GPU"))
+
+
+def submit(address: str, env: dict, runtime_env: dict, *entrypoint: str) -> str:
+    """`ray job submit` of this checkout; the job's id, once it has succeeded."""
+    run = subprocess.run([RAY, "job", "submit", "--address", address, "--working-dir", str(REPO),
+                          "--runtime-env-json", json.dumps(runtime_env), "--", *entrypoint],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    job_id = next(line.split("'")[1] for line in run.stdout.splitlines() if "submitted successfully" in line)
+    status = subprocess.run([RAY, "job", "status", "--address", address, job_id], env=env, capture_output=True,
+                            text=True)
+    assert "succeeded" in status.stdout.lower(), status.stdout
+    return job_id
+
+
 def test_index_job_through_ray_job_submit(head, milvus_server, wiki_rows, tmp_path):
     address, env = head
     corpus = write_corpus(tmp_path / "corpus", wiki_rows[:20])
     summary = tmp_path / "summary.json"
-    submit = subprocess.run(
-        [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--", "python", "-m", "jobs.index",
-         f"corpus.path={corpus}", f"store.uri={milvus_server}", "store.collection=submitted",
-         f"index.summary_path={summary}"],
-        env=env, capture_output=True, text=True, timeout=600)
-    assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
-    job_id = next(line.split("'")[1] for line in submit.stdout.splitlines() if "submitted successfully" in line)
-    status = subprocess.run([RAY, "job", "status", "--address", address, job_id], env=env, capture_output=True,
-                            text=True)
-    assert "succeeded" in status.stdout.lower()
+    job_id = submit(address, env, {}, "python", "-m", "jobs.index", f"corpus.path={corpus}",
+                    f"store.uri={milvus_server}", "store.collection=submitted", f"index.summary_path={summary}")
     logs = subprocess.run([RAY, "job", "logs", "--address", address, job_id], env=env, capture_output=True,
                           text=True).stdout
     result = json.loads(summary.read_text())
     assert result["documents_indexed"] == 20 and result["rows_after"] == result["chunks_written"] >= 20
     assert f"chunks: {result['chunks_written']} written" in logs
+
+
+def test_finetune_job_on_the_cluster_site_through_ray_job_submit(head, workdir, milvus_server, tmp_path):
+    """`site=cluster` as a RayJob uses it: addresses from the job's environment, one GPU per Train worker (a GPU
+    node the autoscaler adds for it; the worker finds no CUDA and trains on the CPU over gloo), the adapter
+    registered."""
+    from jobs.dataset import main as dataset_main
+    from tandem.registry import Registry
+
+    address, env = head
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"Spell {n}.", "response": f"{n} is spelt {n}."}) + "\n"
+                            for n in ("one", "two", "three", "four", "five", "six", "seven", "eight")))
+    version = dataset_main(["add", "name=spelling", f"path={rows}", "dataset.eval_fraction=0.25"])["version"]
+    tracking = f"sqlite:///{workdir / 'mlflow.db'}"
+    site = {"TANDEM_HOME": str(workdir), "TANDEM_MILVUS_URI": milvus_server, "MLFLOW_TRACKING_URI": tracking}
+    job_id = submit(address, env, {"env_vars": site}, "python", "-m", "jobs.finetune", "site=cluster",
+                    f"dataset.ref=spelling@{version}", "train.num_workers=1", "train.cpus_per_worker=1",
+                    "train.backend=gloo", "train.max_steps=2", "train.checkpoint_every=2", "train.batch_size=2",
+                    "train.max_length=64", f"mlflow.artifacts={workdir / 'mlartifacts'}")
+    logs = subprocess.run([RAY, "job", "logs", "--address", address, job_id], env=env, capture_output=True,
+                          text=True).stdout
+    assert '"step": 2' in logs, logs[-3000:]
+    assert gpu_nodes(address, env) >= 1  # the head has none: the autoscaler added a node for the worker's GPU
+    registered = Registry(tracking).resolve("spelling@candidate")
+    assert registered.tags["dataset"] == f"spelling@{version}"
 
 
 def test_gpu_work_lands_on_gpu_nodes_of_a_multinode_cluster(milvus_server, wiki_rows, tmp_path):

@@ -130,7 +130,7 @@ class Router:
 
     @app.post("/v1/feedback")
     async def feedback(self, body: FeedbackRequest) -> dict:
-        if not self._known(body.request_id):
+        if not await asyncio.to_thread(self._known, body.request_id):
             raise APIError(404, f"no request {body.request_id!r} was served here", "request_id", "unknown_request")
         self.feedback_log.append(body.model_dump())
         self.metrics.feedback.inc(1, {"rating": str(body.rating)})
@@ -139,8 +139,13 @@ class Router:
     def _known(self, request_id: str) -> bool:
         if request_id in self.recent:
             return True
-        needle = f'"request_id": "{request_id}"'  # served by another replica or before a restart
-        return any(needle in f.read_text(encoding="utf-8") for f in self.requests.root.glob("date=*/*.jsonl"))
+        # served by another replica or before a restart: the newest partitions first, off the event loop
+        needle = f'"request_id": "{request_id}"'
+        for file in sorted(self.requests.root.glob("date=*/*.jsonl"), reverse=True):
+            with file.open(encoding="utf-8") as f:
+                if any(needle in line for line in f):
+                    return True
+        return False
 
     @app.post("/v1/chat/completions")
     async def chat(self, body: ChatCompletionRequest):

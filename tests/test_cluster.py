@@ -104,7 +104,8 @@ def test_index_job_through_ray_job_submit(head, milvus_server, wiki_rows, tmp_pa
     assert f"chunks: {result['chunks_written']} written" in logs
 
 
-def test_finetune_job_on_the_cluster_site_through_ray_job_submit(head, workdir, milvus_server, tmp_path):
+def test_finetune_job_on_the_cluster_site_through_ray_job_submit(head, workdir, milvus_server, tmp_path,
+                                                                  monkeypatch):
     """`site=cluster` as a RayJob uses it: addresses from the job's environment, one GPU per Train worker (a GPU
     node the autoscaler adds for it; the worker finds no CUDA and trains on the CPU over gloo), the adapter
     registered."""
@@ -112,20 +113,24 @@ def test_finetune_job_on_the_cluster_site_through_ray_job_submit(head, workdir, 
     from tandem.registry import Registry
 
     address, env = head
+    home = tmp_path / "home"  # the job's own TANDEM_HOME (the shared volume on a cluster); the converted base is reused
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps({"prompt": f"Spell {n}.", "response": f"{n} is spelt {n}."}) + "\n"
                             for n in ("one", "two", "three", "four", "five", "six", "seven", "eight")))
-    version = dataset_main(["add", "name=spelling", f"path={rows}", "dataset.eval_fraction=0.25"])["version"]
-    tracking = f"sqlite:///{workdir / 'mlflow.db'}"
-    site = {"TANDEM_HOME": str(workdir), "TANDEM_MILVUS_URI": milvus_server, "MLFLOW_TRACKING_URI": tracking}
+    version = dataset_main(["add", f"workdir={home}", "name=spelling", f"path={rows}",
+                            "dataset.eval_fraction=0.25"])["version"]
+    tracking = f"sqlite:///{home / 'mlflow.db'}"
+    site = {"TANDEM_HOME": str(home), "TANDEM_MILVUS_URI": milvus_server, "MLFLOW_TRACKING_URI": tracking}
     job_id = submit(address, env, {"env_vars": site}, "python", "-m", "jobs.finetune", "site=cluster",
                     f"dataset.ref=spelling@{version}", "train.num_workers=1", "train.cpus_per_worker=1",
                     "train.backend=gloo", "train.max_steps=2", "train.checkpoint_every=2", "train.batch_size=2",
-                    "train.max_length=64", f"mlflow.artifacts={workdir / 'mlartifacts'}")
+                    "train.max_length=64", f"model.cache_dir={workdir / 'models'}",
+                    f"mlflow.artifacts={home / 'mlartifacts'}")
     logs = subprocess.run([RAY, "job", "logs", "--address", address, job_id], env=env, capture_output=True,
                           text=True).stdout
     assert '"step": 2' in logs, logs[-3000:]
     assert gpu_nodes(address, env) >= 1  # the head has none: the autoscaler added a node for the worker's GPU
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)  # MLflow exports the URI it is given; undone after the test
     registered = Registry(tracking).resolve("spelling@candidate")
     assert registered.tags["dataset"] == f"spelling@{version}"
 

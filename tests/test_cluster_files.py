@@ -201,8 +201,12 @@ def test_rayservice_serves_conf_serve_tandem_yaml_on_the_cluster_site():
 
 
 @pytest.mark.parametrize("name,doc", of_kind("RayJob"), ids=lambda v: v if isinstance(v, str) else "")
-def test_rayjob_entrypoints_are_jobs_with_valid_overrides(name, doc):
+def test_rayjob_entrypoints_are_jobs_with_valid_overrides(name, doc, monkeypatch):
     from tandem.config import load_config
+
+    site = next(d["data"] for _, d in of_kind("ConfigMap") if d["metadata"]["name"] == "tandem-site")
+    for key, value in site.items():  # the environment every Ray pod gets
+        monkeypatch.setenv(key, value)
 
     argv = shlex.split(doc["spec"]["entrypoint"])
     assert argv[:2] == ["python", "-m"] and argv[2].startswith("jobs."), argv
@@ -210,7 +214,8 @@ def test_rayjob_entrypoints_are_jobs_with_valid_overrides(name, doc):
     assert (ROOT / "jobs" / f"{job}.py").exists(), job
     assert "site=cluster" in argv
     cfg = load_config(job, argv[3:])  # unknown keys or wrong types fail here
-    assert cfg.store.uri.startswith("http://") and cfg.mlflow.tracking_uri.startswith("http://")
+    assert (cfg.workdir, cfg.store.uri, cfg.mlflow.tracking_uri) == (
+        site["TANDEM_HOME"], site["TANDEM_MILVUS_URI"], site["MLFLOW_TRACKING_URI"])
 
 
 def test_ray_up_config_passes_rays_own_checks():

@@ -34,6 +34,7 @@ class StoreConfig:
     index_params: dict = field(default_factory=lambda: {"M": 16, "efConstruction": 200})
     search_params: dict = field(default_factory=lambda: {"ef": 128})
     bm25: str = "auto"  # auto | true | false: a BM25 sparse field needs Milvus >= 2.5 or Milvus Lite
+    num_shards: int = 1  # a new collection's shards on a Milvus server (parallel write channels); Lite keeps one
     write_batch_size: int = 512
 
 

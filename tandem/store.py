@@ -146,10 +146,12 @@ class CollectionSpec:
     index_type: str = "auto"
     index_params: dict | None = None
     bm25: str = "auto"
+    num_shards: int = 1
 
     @classmethod
     def from_config(cls, store_cfg, dim: int) -> "CollectionSpec":
-        return cls(store_cfg.collection, dim, store_cfg.index_type, dict(store_cfg.index_params), store_cfg.bm25)
+        return cls(store_cfg.collection, dim, store_cfg.index_type, dict(store_cfg.index_params), store_cfg.bm25,
+                   store_cfg.num_shards)
 
 
 def ensure_collection(client: MilvusClient, spec: CollectionSpec) -> None:
@@ -185,7 +187,7 @@ def ensure_collection(client: MilvusClient, spec: CollectionSpec) -> None:
         schema.add_function(Function(name="bm25", function_type=FunctionType.BM25, input_field_names=["text"],
                                      output_field_names=["sparse"]))
         index.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
-    client.create_collection(spec.name, schema=schema, index_params=index)
+    client.create_collection(spec.name, schema=schema, index_params=index, num_shards=spec.num_shards)
     client.load_collection(spec.name)
 
 

@@ -131,6 +131,9 @@ def test_kustomization_holds_every_object_and_every_reference_resolves():
     for name, doc in of_kind("RayJob"):
         selected = doc["spec"]["clusterSelector"]["ray.io/cluster"]
         assert ("RayCluster", selected) in defined, name
+    namespace = KUSTOMIZATION["namespace"]  # nothing may pin another one
+    assert {doc["metadata"].get("namespace", namespace) for _, doc in DOCS} == {namespace}
+    assert {s.get("namespace") for _, doc in of_kind("RoleBinding") for s in doc["subjects"]} == {namespace}
 
 
 def test_site_addresses_are_the_services_defined_here():

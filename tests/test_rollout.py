@@ -71,13 +71,16 @@ def test_broken_canary_is_rolled_back_automatically(serve_cfg, base_url, http):
         wait_for(lambda: len(stream.replies) >= after + 6, what="traffic after the rollback")
     canary = [r for r in read_log(serve_cfg.serve.request_log) if r["route"] == "ro" and r["time"] >= started
               and r["adapter"] == "ro@3"]
-    # Bounded: the gate needs min_requests canary answers; a router may still send a few while it refreshes.
-    assert serve_cfg.rollout.min_requests <= len(canary) <= serve_cfg.rollout.min_requests + 6
-    assert all(r["status"] == "error" for r in canary)
+    assert len(canary) >= serve_cfg.rollout.min_requests and all(r["status"] == "error" for r in canary)
     decision = [d for d in read_log(serve_cfg.rollout.decisions_log)
                 if d["route"] == "ro" and d["action"] == "rollback"]
     assert decision and "error rate" in decision[-1]["reasons"][0]
     assert decision[-1]["metrics"]["canary"]["requests"] >= serve_cfg.rollout.min_requests
+    # Bounded in time, not in count (a fast-failing canary answers many requests a second): the routers stop
+    # sending to it within one refresh of the rollback, give or take the request in flight.
+    late = [r["time"] - decision[-1]["time"] for r in canary
+            if r["time"] > decision[-1]["time"] + serve_cfg.serve.refresh_s + 2.0]
+    assert not late, f"canary requests {late} s after the rollback"
     aliases = registry.aliases("ro")
     assert aliases["production"] == "1" and "canary" not in aliases
     assert all(status == 200 and adapter == "ro@1" for status, _, adapter, _ in stream.replies[after:])

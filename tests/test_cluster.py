@@ -79,7 +79,7 @@ def gpu_nodes(address: str, env: dict) -> int:
 
 
 def submit(address: str, env: dict, runtime_env: dict, *entrypoint: str) -> str:
-    """`ray job submit` of this checkout; the job's id, once it has succeeded."""
+    """`ray job submit` of this checkout; once the job has succeeded (`ray job status`), its `ray job logs`."""
     run = subprocess.run([RAY, "job", "submit", "--address", address, "--working-dir", str(REPO),
                           "--runtime-env-json", json.dumps(runtime_env), "--", *entrypoint],
                          env=env, capture_output=True, text=True, timeout=600)
@@ -88,17 +88,16 @@ def submit(address: str, env: dict, runtime_env: dict, *entrypoint: str) -> str:
     status = subprocess.run([RAY, "job", "status", "--address", address, job_id], env=env, capture_output=True,
                             text=True)
     assert "succeeded" in status.stdout.lower(), status.stdout
-    return job_id
+    return subprocess.run([RAY, "job", "logs", "--address", address, job_id], env=env, capture_output=True,
+                          text=True).stdout
 
 
 def test_index_job_through_ray_job_submit(head, milvus_server, wiki_rows, tmp_path):
     address, env = head
     corpus = write_corpus(tmp_path / "corpus", wiki_rows[:20])
     summary = tmp_path / "summary.json"
-    job_id = submit(address, env, {}, "python", "-m", "jobs.index", f"corpus.path={corpus}",
-                    f"store.uri={milvus_server}", "store.collection=submitted", f"index.summary_path={summary}")
-    logs = subprocess.run([RAY, "job", "logs", "--address", address, job_id], env=env, capture_output=True,
-                          text=True).stdout
+    logs = submit(address, env, {}, "python", "-m", "jobs.index", f"corpus.path={corpus}",
+                  f"store.uri={milvus_server}", "store.collection=submitted", f"index.summary_path={summary}")
     result = json.loads(summary.read_text())
     assert result["documents_indexed"] == 20 and result["rows_after"] == result["chunks_written"] >= 20
     assert f"chunks: {result['chunks_written']} written" in logs
@@ -121,13 +120,11 @@ def test_finetune_job_on_the_cluster_site_through_ray_job_submit(head, workdir, 
                             "dataset.eval_fraction=0.25"])["version"]
     tracking = f"sqlite:///{home / 'mlflow.db'}"
     site = {"TANDEM_HOME": str(home), "TANDEM_MILVUS_URI": milvus_server, "MLFLOW_TRACKING_URI": tracking}
-    job_id = submit(address, env, {"env_vars": site}, "python", "-m", "jobs.finetune", "site=cluster",
-                    f"dataset.ref=spelling@{version}", "train.num_workers=1", "train.cpus_per_worker=1",
-                    "train.backend=gloo", "train.max_steps=2", "train.checkpoint_every=2", "train.batch_size=2",
-                    "train.max_length=64", f"model.cache_dir={workdir / 'models'}",
-                    f"mlflow.artifacts={home / 'mlartifacts'}")
-    logs = subprocess.run([RAY, "job", "logs", "--address", address, job_id], env=env, capture_output=True,
-                          text=True).stdout
+    logs = submit(address, env, {"env_vars": site}, "python", "-m", "jobs.finetune", "site=cluster",
+                  f"dataset.ref=spelling@{version}", "train.num_workers=1", "train.cpus_per_worker=1",
+                  "train.backend=gloo", "train.max_steps=2", "train.checkpoint_every=2", "train.batch_size=2",
+                  "train.max_length=64", f"model.cache_dir={workdir / 'models'}",
+                  f"mlflow.artifacts={home / 'mlartifacts'}")
     assert '"step": 2' in logs, logs[-3000:]
     assert gpu_nodes(address, env) >= 1  # the head has none: the autoscaler added a node for the worker's GPU
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)  # MLflow exports the URI it is given; undone after the test

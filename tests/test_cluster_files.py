@@ -60,6 +60,22 @@ def of_kind(kind: str) -> list[tuple[str, dict]]:
     return [(name, doc) for name, doc in DOCS if doc["kind"] == kind]
 
 
+def config_map(name: str) -> dict:
+    return next(doc["data"] for _, doc in of_kind("ConfigMap") if doc["metadata"]["name"] == name)
+
+
+def ray_cluster_specs() -> list[tuple[str, dict]]:
+    """(file, RayClusterSpec) of the RayCluster and of the cluster inside the RayService."""
+    return [(name, doc["spec"].get("rayClusterConfig", doc["spec"]))
+            for name, doc in of_kind("RayCluster") + of_kind("RayService")]
+
+
+def ray_groups() -> list[tuple[str, dict]]:
+    """(file, group) of every head and worker group of those clusters."""
+    return [(name, group) for name, spec in ray_cluster_specs()
+            for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]]
+
+
 @pytest.mark.parametrize("name,doc", [d for d in DOCS if not d[1]["apiVersion"].startswith("ray.io/")],
                          ids=lambda v: v if isinstance(v, str) else f"{v['kind']}/{v['metadata']['name']}")
 def test_kubernetes_objects_match_the_kubernetes_schemas(name, doc):
@@ -137,28 +153,21 @@ def test_kustomization_holds_every_object_and_every_reference_resolves():
 
 
 def test_site_addresses_are_the_services_defined_here():
-    site = next(doc["data"] for _, doc in of_kind("ConfigMap") if doc["metadata"]["name"] == "tandem-site")
+    site = config_map("tandem-site")
     services = {doc["metadata"]["name"]: {p["port"] for p in doc["spec"]["ports"]} for _, doc in of_kind("Service")}
     for key in ("TANDEM_MILVUS_URI", "MLFLOW_TRACKING_URI", "RAY_GRAFANA_HOST", "RAY_PROMETHEUS_HOST"):
         host, port = site[key].removeprefix("http://").split(":")
         assert int(port) in services[host], key
-    for _, pod_spec in ray_pod_templates():
-        assert site["TANDEM_HOME"] in {m["mountPath"] for m in pod_spec["containers"][0]["volumeMounts"]}
-
-
-def ray_pod_templates() -> list[tuple[str, dict]]:
-    """(file, pod spec) of every head and worker group of the RayCluster and the RayService."""
-    out = []
-    for name, doc in of_kind("RayCluster") + of_kind("RayService"):
-        spec = doc["spec"].get("rayClusterConfig", doc["spec"])
-        out += [(name, group["template"]["spec"]) for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]]
-    return out
+    for _, group in ray_groups():
+        mounts = group["template"]["spec"]["containers"][0]["volumeMounts"]
+        assert site["TANDEM_HOME"] in {m["mountPath"] for m in mounts}
 
 
 def test_every_ray_pod_gets_the_image_the_site_the_shared_volume_and_token_auth():
-    for name, doc in of_kind("RayCluster") + of_kind("RayService"):
-        assert doc["spec"].get("rayClusterConfig", doc["spec"])["authOptions"]["mode"] == "token", name
-    for name, pod in ray_pod_templates():
+    for name, spec in ray_cluster_specs():
+        assert spec["authOptions"]["mode"] == "token", name
+    for name, group in ray_groups():
+        pod = group["template"]["spec"]
         container = pod["containers"][0]
         assert container["image"] == KUSTOMIZATION["images"][0]["name"], name
         assert {"configMapRef": {"name": "tandem-site"}} in container["envFrom"], name
@@ -168,20 +177,15 @@ def test_every_ray_pod_gets_the_image_the_site_the_shared_volume_and_token_auth(
 
 
 def test_prometheus_scrapes_the_port_ray_exports_metrics_on_and_grafana_reads_prometheus():
-    prometheus = next(doc for _, doc in of_kind("ConfigMap") if doc["metadata"]["name"] == "prometheus")
-    ray_job = next(j for j in yaml.safe_load(prometheus["data"]["prometheus.yml"])["scrape_configs"]
+    ray_job = next(j for j in yaml.safe_load(config_map("prometheus")["prometheus.yml"])["scrape_configs"]
                    if j["job_name"] == "ray")
     port_rule = next(r for r in ray_job["relabel_configs"]
                      if r["source_labels"] == ["__meta_kubernetes_pod_container_port_name"])
-    for name, doc in of_kind("RayCluster") + of_kind("RayService"):
-        spec = doc["spec"].get("rayClusterConfig", doc["spec"])
-        for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
-            ports = {p["name"]: p["containerPort"] for p in group["template"]["spec"]["containers"][0]["ports"]}
-            assert ports[port_rule["regex"]] == int(group["rayStartParams"]["metrics-export-port"]), name
-    grafana = next(doc for _, doc in of_kind("ConfigMap") if doc["metadata"]["name"] == "grafana-provisioning")
-    datasource, = yaml.safe_load(grafana["data"]["datasources.yaml"])["datasources"]
-    site = next(doc["data"] for _, doc in of_kind("ConfigMap") if doc["metadata"]["name"] == "tandem-site")
-    assert datasource["url"] == site["RAY_PROMETHEUS_HOST"]
+    for name, group in ray_groups():
+        ports = {p["name"]: p["containerPort"] for p in group["template"]["spec"]["containers"][0]["ports"]}
+        assert ports[port_rule["regex"]] == int(group["rayStartParams"]["metrics-export-port"]), name
+    datasource, = yaml.safe_load(config_map("grafana-provisioning")["datasources.yaml"])["datasources"]
+    assert datasource["url"] == config_map("tandem-site")["RAY_PROMETHEUS_HOST"]
 
 
 def test_rayservice_serves_conf_serve_tandem_yaml_on_the_cluster_site():
@@ -207,7 +211,7 @@ def test_rayservice_serves_conf_serve_tandem_yaml_on_the_cluster_site():
 def test_rayjob_entrypoints_are_jobs_with_valid_overrides(name, doc, monkeypatch):
     from tandem.config import load_config
 
-    site = next(d["data"] for _, d in of_kind("ConfigMap") if d["metadata"]["name"] == "tandem-site")
+    site = config_map("tandem-site")
     for key, value in site.items():  # the environment every Ray pod gets
         monkeypatch.setenv(key, value)
 

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import ray  # noqa: E402
 
 from jobs.index import main as index_main  # noqa: E402
-from tandem.chunking import Chunker, load_tokenizer  # noqa: E402
+from tandem.chunking import Chunker, load_embedder_tokenizer  # noqa: E402
 from tandem.config import load_config  # noqa: E402
 from tandem.datasets import wiki  # noqa: E402
 from tandem.documents import clean_text  # noqa: E402
@@ -40,7 +40,7 @@ def main() -> dict:
     (work / "corpus").mkdir(parents=True)
     (work / "corpus" / "wiki.jsonl").write_text("\n".join(lines) + "\n")
     texts = [clean_text(json.loads(line)["text"]) for line in lines]
-    chunker = Chunker(load_tokenizer(resolve_model_path(cfg.embedder.model)), cfg.chunking.max_tokens,
+    chunker = Chunker(load_embedder_tokenizer(resolve_model_path(cfg.embedder.model)), cfg.chunking.max_tokens,
                       cfg.chunking.overlap_tokens)
     chunks = [c for doc in chunker.split_many(texts) for c in doc]
 

@@ -20,14 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from jobs.index import main as index_main  # noqa: E402
 from tandem.config import load_config  # noqa: E402
 from tandem.embedding import Embedder  # noqa: E402
+from tandem.milvus import connect, milvus_endpoint  # noqa: E402
 from tandem.retrieval import Retriever  # noqa: E402
 from tandem.runtime import write_json  # noqa: E402
-from tandem.store import connect, milvus_endpoint  # noqa: E402
-
-
-def percentile(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
+from tandem.stats import percentile  # noqa: E402
 
 
 def main() -> dict:
@@ -65,7 +61,7 @@ def main() -> dict:
         rows = client.query("scale", filter="chunk_no == 0", output_fields=["title"], limit=5000)
         titles = [r["title"] for r in rows if r["title"]]
         queries = random.Random(0).sample(titles, min(args.queries, len(titles)))
-        retriever = Retriever(client, "scale", embedder.encode, dict(cfg.store.search_params))
+        retriever = Retriever.from_config(client, "scale", embedder.encode, cfg)
         for mode in ("dense", "bm25", "hybrid"):
             retriever.search(queries[:5], k=10, mode=mode)  # warm-up
             latencies = []

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # random_adapters
 
 import httpx  # noqa: E402
 import ray  # noqa: E402
@@ -63,15 +64,15 @@ def main() -> dict:
     from ray import serve
 
     from jobs.index import main as index_main
+    from random_adapters import random_adapters
     from serving.app import build_app
-    from tandem.adapters import random_adapters
     from tandem.config import load_config
     from tandem.datasets import wiki_source
     from tandem.embedding import Embedder
+    from tandem.milvus import connect, milvus_endpoint
     from tandem.models import load_tokenizer, prepare_base
     from tandem.registry import Registry
     from tandem.retrieval import Retriever
-    from tandem.store import connect, milvus_endpoint
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     with milvus_endpoint(str(work / "server.db")) as uri:
@@ -101,7 +102,7 @@ def main() -> dict:
         # 1. Retriever over HTTP vs in-process
         embedder = Embedder(cfg.embedder.model, device="cpu", torch_threads=1)
         client = connect(uri)
-        direct = Retriever(client, "wiki", embedder.encode, dict(cfg.store.search_params))
+        direct = Retriever.from_config(client, "wiki", embedder.encode, cfg)
         queries = [QUERIES[i % len(QUERIES)] + f" {i}" for i in range(args.queries)]
         timings: dict[str, list[float]] = {"direct": [], "http": []}
         for q in queries[:10]:  # warm both paths

@@ -11,23 +11,26 @@ import json
 import sys
 from pathlib import Path
 
-from tandem.config import command_from_argv, require
+from tandem.commandline import Job, run
+from tandem.config import require
+from tandem.data.dataset_store import DatasetStore
 from tandem.data.ingest import ingest
-from tandem.data.store import DatasetStore
+from tandem.errors import ConfigError
 
-COMMANDS = ("add", "list", "show")
-SHORTHANDS = {"name": "dataset.name", "path": "dataset.path", "dataset": "dataset.ref"}
+JOB = Job("dataset", __doc__, ("dataset", "model"),
+          shorthands={"name": "dataset.name", "path": "dataset.path", "dataset": "dataset.ref"},
+          commands=("add", "list", "show"))
 
 
 def add(cfg) -> dict:
     name, path = require(cfg.dataset.name, "dataset.name"), Path(require(cfg.dataset.path, "dataset.path"))
     if not path.is_file():
-        raise SystemExit(f"error: dataset.path={path} is not a file")
+        raise ConfigError(f"dataset.path={path} is not a file")
     return ingest(cfg, name, path.read_text(encoding="utf-8", errors="replace").splitlines(), str(path.resolve()))
 
 
 def main(argv: list[str] | None = None):
-    command, cfg = command_from_argv("dataset", COMMANDS, sys.argv[1:] if argv is None else argv, SHORTHANDS)
+    command, cfg = JOB.command(sys.argv[1:] if argv is None else argv)
     if command == "add":
         return add(cfg)
     store = DatasetStore(cfg.dataset.root)
@@ -42,4 +45,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

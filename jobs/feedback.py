@@ -17,11 +17,13 @@ import sys
 import time
 from pathlib import Path
 
-from tandem.config import config_from_argv, require
+from tandem.commandline import Job, run
+from tandem.config import require
 from tandem.data.ingest import ingest
 from tandem.requestlog import read_log
 
-SHORT = {"route": "feedback.route", "since": "feedback.since", "name": "feedback.name"}
+JOB = Job("feedback", __doc__, ("feedback", "serve.request_log", "serve.feedback_log", "dataset", "model"),
+          shorthands={"route": "feedback.route", "since": "feedback.since", "name": "feedback.name"})
 
 
 def training_rows(requests: list[dict], feedback: list[dict], route: str) -> tuple[list[dict], dict]:
@@ -64,7 +66,7 @@ def training_rows(requests: list[dict], feedback: list[dict], route: str) -> tup
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = config_from_argv("feedback", sys.argv[1:] if argv is None else argv, SHORT)
+    cfg = JOB.config(sys.argv[1:] if argv is None else argv)
     f = cfg.feedback
     route = require(f.route, "route")
     name = f.name or f"{route}-feedback"
@@ -85,4 +87,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -15,13 +15,17 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from tandem.adapters import publish_adapter
-from tandem.config import config_from_argv, require
+from tandem.commandline import Job, run
+from tandem.config import require
+from tandem.data.dataset_store import DatasetStore
 from tandem.data.features import build_features
-from tandem.data.store import DatasetStore
 from tandem.models import load_tokenizer, prepare_base
 from tandem.registry import Registry, base_model_name
 from tandem.runtime import ray_session, write_json
 from tandem.training import check_deepspeed_config, deepspeed_config_path, make_trainer
+
+JOB = Job("finetune", __doc__, ("dataset.ref", "dataset.root", "model", "train", "lora", "mlflow", "ray"),
+          shorthands={"dataset": "dataset.ref"})
 
 
 def code_version() -> str:
@@ -33,7 +37,7 @@ def code_version() -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = config_from_argv("finetune", sys.argv[1:] if argv is None else argv, {"dataset": "dataset.ref"})
+    cfg = JOB.config(sys.argv[1:] if argv is None else argv)
     ref = require(cfg.dataset.ref, "dataset.ref")
     ds_path = deepspeed_config_path(cfg.train.deepspeed)
     ds = json.loads(ds_path.read_text()) if ds_path else None
@@ -83,4 +87,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import sys
 
-from tandem.config import config_from_argv, require
+from tandem.commandline import Job, run
+from tandem.config import require
 from tandem.indexing import run_index
+from tandem.milvus import milvus_endpoint
 from tandem.runtime import ray_session, write_json
-from tandem.store import milvus_endpoint
+
+JOB = Job("index", __doc__, ("corpus", "store", "embedder", "chunking", "index", "ray"))
 
 
 def format_summary(s: dict) -> str:
@@ -27,7 +30,7 @@ def format_summary(s: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = config_from_argv("index", sys.argv[1:] if argv is None else argv)
+    cfg = JOB.config(sys.argv[1:] if argv is None else argv)
     require(cfg.corpus.path, "corpus.path")
     with ray_session(cfg.ray), milvus_endpoint(cfg.store.uri) as uri:
         summary = run_index(cfg, uri)
@@ -37,4 +40,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

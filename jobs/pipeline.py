@@ -15,16 +15,21 @@ from jobs.feedback import main as feedback
 from jobs.finetune import main as finetune
 from jobs.promote import main as promote
 from jobs.validate import main as validate
-from tandem.config import config_from_argv, require, route_config
+from tandem.commandline import Job, run
+from tandem.config import require, route_config
+from tandem.errors import ConfigError
+
+JOB = Job("pipeline", __doc__, ("feedback.route", "feedback.since", "serve.routes", "train", "validate", "rollout"),
+          shorthands={"route": "feedback.route", "since": "feedback.since"})
 
 
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
-    cfg = config_from_argv("feedback", argv, {"route": "feedback.route", "since": "feedback.since"})
+    cfg = JOB.config(argv)
     route = require(cfg.feedback.route, "route")
     adapter = route_config(cfg.serve.routes[route]).adapter if route in cfg.serve.routes else None
     if not adapter:
-        raise SystemExit(f"error: route {route!r} has no adapter to train (serve.routes.{route}.adapter)")
+        raise ConfigError(f"route {route!r} has no adapter to train (serve.routes.{route}.adapter)")
     rest = [a for a in argv if a.split("=")[0] not in ("route", "since")]
     # serve.*, feedback.* and rollout.* describe the app; the training jobs' configs do not have them
     training = [a for a in rest if not a.lstrip("+").startswith(("serve.", "feedback.", "rollout."))]
@@ -45,4 +50,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -8,16 +8,18 @@ from __future__ import annotations
 import json
 import sys
 
-from tandem.config import config_from_argv
+from tandem.commandline import Job, run
 from tandem.models import prepare_base
+
+JOB = Job("prepare_base", __doc__, ("model",))
 
 
 def main(argv: list[str] | None = None):
-    cfg = config_from_argv("prepare_base", sys.argv[1:] if argv is None else argv)
+    cfg = JOB.config(sys.argv[1:] if argv is None else argv)
     base = prepare_base(cfg.model.path, cfg.model.cache_dir, cfg.model.dtype)
     print(json.dumps(base.manifest(), indent=2))
     return base
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -8,14 +8,17 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from tandem.config import config_from_argv
+from tandem.commandline import Job, run
 from tandem.datasets import BUILDERS
+from tandem.errors import ConfigError
+
+JOB = Job("prepare_data", __doc__, ("data",))
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = config_from_argv("prepare_data", sys.argv[1:] if argv is None else argv)
+    cfg = JOB.config(sys.argv[1:] if argv is None else argv)
     if cfg.data.dataset not in BUILDERS:
-        raise SystemExit(f"error: data.dataset={cfg.data.dataset}; expected one of {', '.join(BUILDERS)}")
+        raise ConfigError(f"data.dataset={cfg.data.dataset}; expected one of {', '.join(BUILDERS)}")
     out = Path(cfg.data.out)
     stats = BUILDERS[cfg.data.dataset](out, cfg.data.source)
     print(f"{cfg.data.dataset} -> {out}: {stats}")
@@ -23,4 +26,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -16,17 +16,19 @@ import getpass
 import sys
 
 from tandem import rollout as rollouts
-from tandem.config import config_from_argv, require, route_config
+from tandem.commandline import Job, run
+from tandem.config import require, route_config
 from tandem.registry import Registry
 from tandem.requestlog import JsonlLog
 
 STAGES = ("canary", "production", "rollback", "pause", "resume", "abort")
-SHORT = {"route": "rollout.route", "adapter": "rollout.adapter", "stage": "rollout.stage", "weight": "rollout.weight",
-         "reason": "rollout.reason"}
+JOB = Job("promote", __doc__, ("rollout", "serve.routes", "serve.refresh_s", "mlflow"),
+          shorthands={"route": "rollout.route", "adapter": "rollout.adapter", "stage": "rollout.stage",
+                      "weight": "rollout.weight", "reason": "rollout.reason"})
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = config_from_argv("promote", sys.argv[1:] if argv is None else argv, SHORT)
+    cfg = JOB.config(sys.argv[1:] if argv is None else argv)
     r = cfg.rollout
     route, stage = require(r.route, "route"), require(r.stage, "stage")
     if stage not in STAGES:
@@ -76,4 +78,4 @@ def _version(registry, adapter: str, ref: str) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

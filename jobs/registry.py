@@ -11,14 +11,15 @@ from __future__ import annotations
 import json
 import sys
 
-from tandem.config import command_from_argv, require
+from tandem.commandline import Job, run
+from tandem.config import require
 from tandem.registry import Registry
 
-COMMANDS = ("list", "show", "alias")
+JOB = Job("registry", __doc__, ("registry", "mlflow"), commands=("list", "show", "alias"))
 
 
 def main(argv: list[str] | None = None):
-    command, cfg = command_from_argv("registry", COMMANDS, sys.argv[1:] if argv is None else argv)
+    command, cfg = JOB.command(sys.argv[1:] if argv is None else argv)
     registry = Registry.from_config(cfg)
     r = cfg.registry
     if command == "alias":
@@ -39,4 +40,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -19,12 +19,16 @@ import sys
 import time
 from pathlib import Path
 
-from tandem.config import config_from_argv, require, route_config
+from tandem.commandline import Job, run
+from tandem.config import require, route_config
 from tandem.registry import Registry
 from tandem.requestlog import read_log
+from tandem.stats import percentile
 
-SHORT = {"route": "report.route", "adapter": "report.adapter"}
-COLORS = {"production": "tab:blue", "canary": "tab:orange", "shadow": "tab:gray", "pinned": "tab:green"}
+JOB = Job("report", __doc__, ("report", "serve.routes", "serve.request_log", "rollout.decisions_log", "mlflow"),
+          shorthands={"route": "report.route", "adapter": "report.adapter"})
+COLORS = {"production": "tab:blue", "base": "tab:purple", "canary": "tab:orange", "shadow": "tab:gray",
+          "pinned": "tab:green"}
 
 
 def _png(fig) -> str:
@@ -59,11 +63,11 @@ def traffic_plot(requests: list[dict], decisions: list[dict], route: str, bucket
                 buckets.setdefault(int((r["time"] - t0) // bucket_s), []).append(r)
         xs = sorted(buckets)
         minutes = [x * bucket_s / 60 for x in xs]
-        ok = [sorted(r["latency_ms"] for r in buckets[x] if r["status"] == "ok") for x in xs]
+        ok = [[r["latency_ms"] for r in buckets[x] if r["status"] == "ok"] for x in xs]
         style = {"color": COLORS.get(variant), "label": variant, "marker": "."}
         axes[0].plot(minutes, [len(buckets[x]) for x in xs], **style)
         axes[1].plot(minutes, [sum(r["status"] != "ok" for r in buckets[x]) / len(buckets[x]) for x in xs], **style)
-        axes[2].plot(minutes, [lat[int(0.95 * (len(lat) - 1))] if lat else None for lat in ok], **style)
+        axes[2].plot(minutes, [percentile(lat, 0.95) for lat in ok], **style)  # the rollout gate's p95
     for d in decisions:
         if d.get("route") == route and d.get("action") not in (None, "hold"):
             for ax in axes:
@@ -97,7 +101,7 @@ def main(argv: list[str] | None = None) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cfg = config_from_argv("report", sys.argv[1:] if argv is None else argv, SHORT)
+    cfg = JOB.config(sys.argv[1:] if argv is None else argv)
     r = cfg.report
     route = require(r.route, "route")
     adapter = route_config(cfg.serve.routes[route]).adapter if route in cfg.serve.routes else None
@@ -130,4 +134,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

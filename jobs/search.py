@@ -8,18 +8,22 @@ from __future__ import annotations
 import sys
 import textwrap
 
-from tandem.config import config_from_argv, require
+from tandem.commandline import Job, run
+from tandem.config import require
 from tandem.embedding import Embedder
 from tandem.retrieval import Retriever
-from tandem.store import local_or_server
+
+JOB = Job("search", __doc__, ("search", "store.uri", "store.collection", "store.search_params", "embedder.model",
+                              "embedder.device"))
+from tandem.milvus import local_or_server
 
 
 def main(argv: list[str] | None = None) -> list:
-    cfg = config_from_argv("search", sys.argv[1:] if argv is None else argv)
+    cfg = JOB.config(sys.argv[1:] if argv is None else argv)
     query = require(cfg.search.query, "search.query")
     embedder = Embedder.from_config(cfg.embedder)
     with local_or_server(cfg.store.uri) as client:
-        retriever = Retriever(client, cfg.store.collection, embedder.encode, dict(cfg.store.search_params))
+        retriever = Retriever.from_config(client, cfg.store.collection, embedder.encode, cfg)
         hits = retriever.search([query], k=cfg.search.k, mode=cfg.search.mode, filter=cfg.search.filter)[0]
     print(f"{cfg.search.mode} top {cfg.search.k} for {query!r}:")
     for rank, h in enumerate(hits, start=1):
@@ -29,4 +33,4 @@ def main(argv: list[str] | None = None) -> list:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

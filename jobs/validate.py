@@ -16,14 +16,17 @@ import json
 import sys
 
 from tandem.adapters import verify_adapter
-from tandem.config import config_from_argv, require
-from tandem.data.store import DatasetStore
+from tandem.commandline import Job, run
+from tandem.config import require
+from tandem.data.dataset_store import DatasetStore
 from tandem.datasets import wiki_source
 from tandem.evaluation import perplexity, rag_json_scores
 from tandem.generation import generate_chat
 from tandem.models import load_for_inference, load_tokenizer, prepare_base, quantization_report
 from tandem.registry import Registry
 from tandem.runtime import write_json
+
+JOB = Job("validate", __doc__, ("validate", "model", "dataset.root", "mlflow"), shorthands={"adapter": "validate.adapter"})
 
 
 def retention_texts(train_rows: list[dict], n: int) -> list[str]:
@@ -46,7 +49,7 @@ def gates(cfg, retention: dict, task: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = config_from_argv("validate", sys.argv[1:] if argv is None else argv, {"adapter": "validate.adapter"})
+    cfg = JOB.config(sys.argv[1:] if argv is None else argv)
     ref = require(cfg.validate.adapter, "validate.adapter")
     if cfg.validate.task != "rag_json":
         raise SystemExit(f"error: validate.task={cfg.validate.task}; only rag_json is defined")
@@ -95,4 +98,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

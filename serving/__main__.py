@@ -1,4 +1,6 @@
-"""Start the app and keep it up:  python -m serving [serve.port=8000] [serve.ask="a question"] key=value ...
+"""Start the Serve app (OpenAI-compatible HTTP over RAG and the adapters) and keep it up.
+
+    python -m serving [serve.port=8000] [serve.ask="a question"] key=value ...    (or: tandem serve ...)
 
 On a cluster (RAY_ADDRESS or ray.address) it deploys there; otherwise it starts a local Ray. Binds 127.0.0.1
 unless serve.host says otherwise. SIGINT/SIGTERM shut Serve down gracefully: in-flight requests finish and are
@@ -12,8 +14,11 @@ import signal
 import sys
 import threading
 
-from tandem.config import config_from_argv
+from tandem.commandline import Job, run
 from tandem.runtime import ray_session
+
+JOB = Job("serve", __doc__, ("serve", "model", "store.uri", "store.collection", "store.search_params", "search.rrf_k",
+                             "embedder.model", "embedder.device", "mlflow", "rollout"))
 
 
 def ask(base_url: str, route: str, question: str) -> dict:
@@ -31,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from serving.app import build_app
 
-    cfg = config_from_argv("serve", sys.argv[1:] if argv is None else argv)
+    cfg = JOB.config(sys.argv[1:] if argv is None else argv)
     s = cfg.serve
     stop = threading.Event()
     with ray_session(cfg.ray):
@@ -61,4 +66,4 @@ print(c.chat.completions.create(model='{route}', messages=[{{'role': 'user', 'co
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -11,14 +11,17 @@ from ray.serve import Application
 
 from serving.llm import LLM
 from serving.retriever import Retriever
-from serving.rollout import RolloutController
+from serving.rollout_controller import RolloutController
 from serving.router import Router
 from tandem.config import load_config, route_config
-from tandem.store import is_server_uri
+from tandem.milvus import is_server_uri
+from tandem.models import prepare_base
 
 
 def build_app(cfg) -> Application:
+    """The app for `cfg`. The base model is prepared here, once, where the app is built; replicas only load it."""
     s = cfg.serve
+    base = prepare_base(cfg.model.path, cfg.model.cache_dir, cfg.model.dtype)
     for route in s.routes.values():
         route_config(route)  # a typo in a route fails here, not in a replica
     if not is_server_uri(cfg.store.uri) and (s.retriever.autoscaling or s.retriever.num_replicas > 1):
@@ -27,15 +30,15 @@ def build_app(cfg) -> Application:
     retriever = serve.deployment(Retriever).options(
         name="Retriever", max_ongoing_requests=s.retriever.max_ongoing_requests, **_scaling(s.retriever),
         ray_actor_options={"num_cpus": s.retriever.num_cpus},
-    ).bind(cfg.store, cfg.embedder, s.retriever.max_batch_size, s.retriever.batch_wait_timeout_s)
+    ).bind(cfg)
     llm = serve.deployment(LLM).options(
         name="LLM", max_ongoing_requests=s.llm.max_ongoing_requests, **_scaling(s.llm),
         ray_actor_options={"num_cpus": s.llm.num_cpus, "num_gpus": s.llm.num_gpus},
-    ).bind(cfg)
+    ).bind(cfg, base)
     controller = serve.deployment(RolloutController).options(
         name="RolloutController", num_replicas=1, ray_actor_options={"num_cpus": 0}).bind(cfg) if s.controller else None
     return Router.options(num_replicas=s.router_replicas, max_ongoing_requests=s.router_max_ongoing_requests).bind(
-        cfg, retriever, llm, controller)
+        cfg, base, retriever, llm, controller)
 
 
 def _scaling(d) -> dict:

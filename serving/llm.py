@@ -20,7 +20,7 @@ from ray import serve
 from serving.metrics import AdapterMetrics
 from tandem.adapters import verify_adapter
 from tandem.generation import Completion, start_stream
-from tandem.models import load_for_inference, load_tokenizer, prepare_base
+from tandem.models import BaseModel, load_for_inference, load_tokenizer
 from tandem.registry import Registry
 
 logger = logging.getLogger("ray.serve")
@@ -43,14 +43,14 @@ class LoadedAdapter:
 
 
 class LLM:
-    def __init__(self, cfg):
+    def __init__(self, cfg, base: BaseModel):
         import torch
 
         llm = cfg.serve.llm
         if llm.torch_threads:
             torch.set_num_threads(llm.torch_threads)
         self.cfg = cfg
-        self.base = prepare_base(cfg.model.path, cfg.model.cache_dir, cfg.model.dtype)
+        self.base = base
         self.tokenizer = load_tokenizer(self.base)
         self.model = load_for_inference(self.base.path, quantization=llm.quantization, device=llm.device)
         self.peft = None  # the PeftModel around the base, made when the first adapter arrives
@@ -178,7 +178,3 @@ class LLM:
     async def __call__(self, request: dict):
         async for event in self.generate(request):
             yield event
-
-    def check_health(self):
-        if self.model is None:
-            raise RuntimeError("model not loaded")

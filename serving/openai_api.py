@@ -69,7 +69,7 @@ class RetrieveRequest(BaseModel):
 
     query: str = Field(min_length=1, max_length=8192)
     collection: Optional[str] = Field(None, min_length=1, description="default: store.collection")
-    k: int = Field(5, ge=1, le=100)
+    k: int = Field(5, ge=1, description="at most serve.retriever.max_k")
     mode: Literal["dense", "bm25", "hybrid"] = "hybrid"
     filter: str = Field("", max_length=4096, description='a Milvus expression, e.g. meta["topic"] == "Arts"')
 

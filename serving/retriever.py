@@ -15,26 +15,26 @@ from pymilvus import MilvusException
 from ray import serve
 
 from tandem.embedding import Embedder
+from tandem.milvus import local_or_server
 from tandem.retrieval import Retriever as MilvusRetriever
-from tandem.store import local_or_server
 
 
 class Retriever:
-    def __init__(self, store_cfg, embedder_cfg, max_batch_size: int, batch_wait_timeout_s: float):
-        self.embedder = Embedder.from_config(embedder_cfg)
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.embedder = Embedder.from_config(cfg.embedder)
         self._stack = contextlib.ExitStack()
-        self.client = self._stack.enter_context(local_or_server(store_cfg.uri))
-        self.search_params = dict(store_cfg.search_params)
+        self.client = self._stack.enter_context(local_or_server(cfg.store.uri))
         self.retrievers: dict[str, MilvusRetriever] = {}
-        self.search.set_max_batch_size(max_batch_size)
-        self.search.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.search.set_max_batch_size(cfg.serve.retriever.max_batch_size)
+        self.search.set_batch_wait_timeout_s(cfg.serve.retriever.batch_wait_timeout_s)
 
     def _retriever(self, collection: str) -> MilvusRetriever:
         if collection not in self.retrievers:
             if not self.client.has_collection(collection):
                 raise LookupError(f"collection {collection!r} does not exist; index it first (jobs.index)")
-            self.retrievers[collection] = MilvusRetriever(self.client, collection, self.embedder.encode,
-                                                          self.search_params)
+            self.retrievers[collection] = MilvusRetriever.from_config(self.client, collection, self.embedder.encode,
+                                                                      self.cfg)
         return self.retrievers[collection]
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)

@@ -27,7 +27,7 @@ from serving.metrics import RouterMetrics
 from serving.openai_api import APIError, ChatCompletionRequest, FeedbackRequest, RetrieveRequest, error
 from serving.routes import RouteError, RouteTable
 from tandem.canary import user_hash
-from tandem.models import load_tokenizer, prepare_base
+from tandem.models import BaseModel, load_tokenizer
 from tandem.prompts import parse_rag_answer, rag_messages
 from tandem.registry import Registry, base_model_name
 from tandem.requestlog import JsonlLog
@@ -67,13 +67,12 @@ def _usage(last: dict, prompt_tokens: int) -> dict:
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class Router:
-    def __init__(self, cfg, retriever, llm, controller=None):
+    def __init__(self, cfg, base: BaseModel, retriever, llm, controller=None):
         from transformers import AutoConfig
 
         self.cfg = cfg
         self.retriever, self.llm = retriever, llm
         self.controller = controller
-        base = prepare_base(cfg.model.path, cfg.model.cache_dir, cfg.model.dtype)
         self.base_name = base_model_name(cfg.model.path)
         self.tokenizer = load_tokenizer(base)
         self.max_context = cfg.serve.llm.max_context or AutoConfig.from_pretrained(base.path).max_position_embeddings
@@ -99,7 +98,8 @@ class Router:
 
     @app.get("/healthz")
     async def healthz(self) -> dict:
-        return {"status": "ok", "routes": {r.name: r.error or "ok" for r in self.table.routes.values()}}
+        return {"status": "ok", "routes": {r.name: {"variant": r.default_variant, "adapter": r.production}
+                                           for r in self.table.routes.values()}}
 
     @app.get("/v1/models")
     async def models(self) -> dict:

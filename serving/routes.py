@@ -2,14 +2,15 @@
 
 The registry's aliases are the source of truth (`production`, `canary` on the route's adapter); a route's config may
 override either version and the canary weight. Versions are resolved to numbers here, so the LLM always receives a
-concrete, cacheable adapter id `name@number`.
+concrete, cacheable adapter id `name@number`. RAG comes first: a route whose adapter has no production version yet
+answers with the base model (variant `base`), and takes the adapter at the first refresh after it reaches production.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tandem.canary import CANARY, PRODUCTION, assign
+from tandem.canary import BASE, CANARY, PRODUCTION, assign
 from tandem.config import route_config
 from tandem.rollout import load as load_rollout
 
@@ -30,13 +31,17 @@ class Route:
     canary: str | None = None
     weight: float = 0.0
     shadow: bool = False  # the canary answers copies of production's requests, logged and not returned
-    error: str | None = None  # why the route cannot serve (e.g. no production version yet)
+
+    @property
+    def default_variant(self) -> str:
+        """What users off the canary get: the production adapter, or the base model before there is one."""
+        return PRODUCTION if self.production else BASE
 
 
 @dataclass
 class Choice:
     route: Route
-    variant: str  # production | canary | pinned
+    variant: str  # production | base | canary | pinned
     adapter: str | None
 
 
@@ -65,10 +70,9 @@ class RouteTable:
         if not cfg.adapter:
             return Route(name, cfg, None)
         production = self._version(cfg.adapter, cfg.production or PRODUCTION)
-        if production is None:
-            return Route(name, cfg, None, error=f"route {name!r}: adapter {cfg.adapter!r} has no "
-                                                 f"{cfg.production or PRODUCTION} version in the registry")
         canary = self._version(cfg.adapter, cfg.canary or CANARY)
+        if production is None and canary is None:  # nothing registered or aliased yet: the base model, with RAG
+            return Route(name, cfg, None)
         tags = self.registry.model_tags(cfg.adapter)
         weight = cfg.canary_weight
         if weight is None:
@@ -78,7 +82,7 @@ class RouteTable:
                      shadow=bool(rollout and rollout.state == "shadow"))
 
     def choose(self, model: str, user: str | None) -> Choice:
-        """The variant for this request; raises RouteError (404 unknown model, 503 route not servable)."""
+        """The variant for this request; raises RouteError (404: unknown model or version)."""
         name, _, pin = model.partition("@")
         route = self.routes.get(name) or next((r for r in self.routes.values() if r.cfg.adapter == name and pin),
                                               None)
@@ -96,11 +100,9 @@ class RouteTable:
                 raise RouteError(404, f"The model {model!r} does not exist: {route.cfg.adapter!r} has no version "
                                       f"or alias {pin!r}")
             return Choice(route, "pinned", adapter)
-        if route.error:
-            raise RouteError(503, route.error)
         if route.canary and assign(route.name, user, route.weight) == CANARY:
             return Choice(route, CANARY, route.canary)
-        return Choice(route, PRODUCTION, route.production)
+        return Choice(route, route.default_variant, route.production)
 
     def models(self, base_name: str) -> list[dict]:
         """Routes and adapter versions, each with its base model as parent, for /v1/models."""
@@ -108,8 +110,8 @@ class RouteTable:
         for r in self.routes.values():
             data.append({"id": r.name, "object": "model", "created": 0, "owned_by": "tandem", "parent": base_name,
                          "tandem": {"kind": "route", "rag": r.cfg.rag, "adapter": r.cfg.adapter,
-                                    "production": r.production, "canary": r.canary, "canary_weight": r.weight,
-                                    "shadow": r.shadow, "error": r.error}})
+                                    "variant": r.default_variant, "production": r.production, "canary": r.canary,
+                                    "canary_weight": r.weight, "shadow": r.shadow}})
         from mlflow.exceptions import MlflowException
 
         for adapter in sorted({r.cfg.adapter for r in self.routes.values() if r.cfg.adapter}):

@@ -10,6 +10,7 @@ import hashlib
 import uuid
 
 PRODUCTION, CANARY = "production", "canary"
+BASE = "base"  # the base model alone: what a route serves before its adapter has a production version
 
 
 def bucket(route: str, user: str) -> float:

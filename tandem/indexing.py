@@ -20,11 +20,19 @@ import pyarrow as pa
 import ray
 from pymilvus import MilvusClient
 
-from tandem.chunking import Chunker, chunk_id, doc_hash, load_tokenizer
+from tandem.chunking import Chunker, chunk_id, doc_hash, load_embedder_tokenizer
 from tandem.documents import parse_file
 from tandem.embedding import Embedder, embedding_dim, resolve_model_path
-from tandem.store import (CollectionSpec, MilvusDatasink, all_doc_ids, connect, delete_docs, ensure_collection,
-                          stored_docs)
+from tandem.errors import ConfigError
+from tandem.milvus import (
+    CollectionSpec,
+    MilvusDatasink,
+    all_doc_ids,
+    connect,
+    delete_docs,
+    ensure_collection,
+    stored_docs,
+)
 
 CHUNK_SCHEMA = pa.schema([
     ("id", pa.int64()), ("doc_id", pa.string()), ("source", pa.string()), ("title", pa.string()),
@@ -63,7 +71,7 @@ class PrepareChunks:
                  embedder_id: str, ledger):
         self.client = connect(uri)
         self.collection = collection
-        self.chunker = Chunker(load_tokenizer(tokenizer_dir), max_tokens, overlap)
+        self.chunker = Chunker(load_embedder_tokenizer(tokenizer_dir), max_tokens, overlap)
         self.signature = f"{self.chunker.signature()}|{embedder_id}"
         self.ledger = ledger
 
@@ -121,7 +129,7 @@ class EmbedChunks:
 def list_corpus(root: str, extensions: list[str]) -> list[str]:
     base = Path(root).expanduser().resolve()
     if not base.is_dir():
-        raise SystemExit(f"error: corpus.path={root} is not a directory")
+        raise ConfigError(f"corpus.path={root} is not a directory")
     exts = tuple(e.lower() for e in extensions)
     return sorted(str(p) for p in base.rglob("*") if p.is_file() and p.name.lower().endswith(exts))
 

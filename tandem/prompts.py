@@ -1,6 +1,6 @@
 """The RAG prompt: numbered context passages and a question, answered as strict JSON.
 
-One definition shared by the training data that teaches the format and (later) the serving router that uses it,
+One definition shared by the training data that teaches the format and the serving router that uses it,
 so the adapter sees at serving time exactly the shape it was trained on.
 """
 

@@ -14,8 +14,6 @@ import json
 import time
 from pathlib import Path
 
-ALIASES = ("candidate", "validated", "canary", "production")
-
 
 def tracking_uri(cfg_mlflow, workdir: str) -> str:
     return cfg_mlflow.tracking_uri or f"sqlite:///{Path(workdir).expanduser().resolve() / 'mlflow.db'}"

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from pymilvus import AnnSearchRequest, MilvusClient, RRFRanker
 
-from tandem.store import has_bm25
+from tandem.milvus import has_bm25
 
 MODES = ("dense", "bm25", "hybrid")
 OUTPUT_FIELDS = ["doc_id", "source", "title", "chunk_no", "text", "meta"]
@@ -32,15 +32,19 @@ class Retriever:
     `meta["key"]`). BM25 and hybrid need a collection made with a BM25 field (Milvus >= 2.5 or Milvus Lite).
     """
 
-    def __init__(self, client: MilvusClient, collection: str, embed, search_params: dict | None = None,
-                 rrf_k: int = 60):
+    def __init__(self, client: MilvusClient, collection: str, embed, search_params: dict, rrf_k: int):
         self.client = client
         self.collection = collection
         self.embed = embed
-        self.search_params = {"metric_type": "COSINE", "params": dict(search_params or {})}
+        self.search_params = {"metric_type": "COSINE", "params": dict(search_params)}
         self.rrf_k = rrf_k
         self.bm25 = has_bm25(client, collection)
         client.load_collection(collection)  # a collection reopened from disk starts released
+
+    @classmethod
+    def from_config(cls, client: MilvusClient, collection: str, embed, cfg) -> "Retriever":
+        """Search-time settings from the config (store.search_params, search.rrf_k), the same for every caller."""
+        return cls(client, collection, embed, dict(cfg.store.search_params), cfg.search.rrf_k)
 
     def search(self, queries: list[str], k: int = 5, mode: str = "dense", filter: str = "") -> list[list[Hit]]:
         """Top-k chunks for each query, best first."""

@@ -14,6 +14,8 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 
+from tandem.stats import percentile
+
 HOLD, ADVANCE, PROMOTE, ROLLBACK = "hold", "advance", "promote", "rollback"
 LIVE = ("shadow", "running")  # states the controller acts on; also: manual, paused, promoted, rolled_back, aborted
 
@@ -85,17 +87,18 @@ def _finish(registry, adapter: str, state: str, reason: str) -> None:
 
 def variant_metrics(requests: list[dict], feedback: list[dict], route: str, since: float) -> dict[str, dict]:
     """Per variant over a route's requests since `since`: count, error rate, p95 latency, negative feedback and
-    format validity (where the route has a format)."""
+    format validity (where the route has a format). `base` is the reference of a first adapter's canary, which runs
+    beside the base model because there is no production version yet."""
     negative = {f["request_id"] for f in feedback if f.get("rating", 0) < 0}
     out: dict[str, dict] = {}
-    for variant in ("production", "canary", "shadow"):
+    for variant in ("production", "base", "canary", "shadow"):
         rows = [r for r in requests if r["route"] == route and r["variant"] == variant and r["time"] >= since]
-        latencies = sorted(r["latency_ms"] for r in rows if r["status"] == "ok")
+        latencies = [r["latency_ms"] for r in rows if r["status"] == "ok"]
         formats = [r["format_valid"] for r in rows if r["status"] == "ok" and r.get("format_valid") is not None]
         out[variant] = {
             "requests": len(rows),
             "error_rate": sum(r["status"] == "error" for r in rows) / len(rows) if rows else 0.0,
-            "latency_p95_ms": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))] if latencies else None,
+            "latency_p95_ms": percentile(latencies, 0.95),
             "negative_feedback_rate": sum(r["request_id"] in negative for r in rows) / len(rows) if rows else 0.0,
             "format_valid": sum(formats) / len(formats) if formats else None,
         }
@@ -124,7 +127,8 @@ def decide(rollout: Rollout, metrics: dict, cfg, now: float) -> tuple[str, list[
     canary = metrics["shadow" if rollout.state == "shadow" else "canary"]
     if canary["requests"] < cfg.min_requests:
         return HOLD, [f"{canary['requests']} canary requests < {cfg.min_requests} this step"]
-    failures = gate_failures(canary, metrics["production"], cfg.gates)
+    reference = metrics["production"] if metrics["production"]["requests"] else metrics["base"]
+    failures = gate_failures(canary, reference, cfg.gates)
     if failures:
         return ROLLBACK, failures
     if now - rollout.step_started < cfg.min_seconds:

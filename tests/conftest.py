@@ -26,7 +26,8 @@ def ray_cluster(workdir):
     import ray
 
     # One fake GPU: GPU-requesting actors get scheduled as on a GPU node, and must fall back to the CPU inside.
-    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    # address="local": always a cluster of our own, never one that `ray start` registered on this machine.
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
@@ -34,7 +35,7 @@ def ray_cluster(workdir):
 @pytest.fixture(scope="session")
 def milvus_server(workdir):
     """A `milvus-lite server` on 127.0.0.1: the store every process can share, as a Milvus server would be."""
-    from tandem.store import milvus_endpoint
+    from tandem.milvus import milvus_endpoint
 
     with milvus_endpoint(str(workdir / "server.db")) as uri:
         yield uri
@@ -72,18 +73,20 @@ def wiki_index(ray_cluster, milvus_server, tmp_path_factory, wiki_rows) -> dict:
 def serve_cfg(ray_cluster, milvus_server, wiki_index, workdir, tmp_path_factory):
     """The Serve app's config. Route `assistant`: RAG with adapter `demo` (production 1, canary 2 at 50%, 3 only
     pinned). Route `ro`, adapter `ro`, for rollouts: 1 production, 2 a healthy candidate, 3 corrupt (its weights no
-    longer match their checksum, so every request for it fails). Rollout steps are short for tests."""
-    from tandem.adapters import random_adapters
+    longer match their checksum, so every request for it fails). Route `fresh`: RAG whose adapter has no version yet.
+    Rollout steps are short for tests."""
+    from random_adapters import random_adapters
     from tandem.config import load_config
+    from tandem.milvus import free_port
     from tandem.models import prepare_base
     from tandem.registry import Registry
-    from tandem.store import free_port
 
     overrides = [f"store.uri={milvus_server}", f"serve.port={free_port()}",
                  "+serve.routes.assistant={adapter: demo, rag: true, collection: wiki, k: 2, canary_weight: 0.5}",
                  "serve.llm.max_adapters=2", "serve.llm.max_new_tokens=48", "serve.llm.default_max_tokens=12",
                  "serve.llm.max_context=1024", "serve.llm.num_cpus=0.5", "serve.retriever.num_cpus=0.25",
-                 "+serve.routes.ro={adapter: ro}", "serve.refresh_s=0.5", "rollout.interval_s=0.5",
+                 "+serve.routes.ro={adapter: ro}",
+                 "+serve.routes.fresh={adapter: fresh, rag: true, collection: wiki, k: 2}", "serve.refresh_s=0.5", "rollout.interval_s=0.5",
                  "rollout.min_requests=4", "rollout.min_seconds=1", "rollout.steps=[0.5,1.0]"]
     cfg = load_config("serve", overrides)
     registry = Registry.from_config(cfg)

@@ -1,13 +1,15 @@
 """Tandem on a Ray cluster it did not start: a `ray start --head` on 127.0.0.1 and the real job server.
 
-Ray 2.60 turns token authentication on by default; the CLI and the job client pick the token up from
-RAY_AUTH_MODE=token (the token is generated into ~/.ray/auth_token by the first `ray start`).
+The head runs with token authentication (RAY_AUTH_MODE=token) and its own token, written to a temp file named by
+RAY_AUTH_TOKEN_PATH, as a user does with `ray get-auth-token --generate`: nothing in ~/.ray is read, so a fresh
+machine behaves like this one.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -17,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import write_corpus
-from tandem.store import free_port
+from tandem.milvus import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -52,13 +54,20 @@ def head(tmp_path_factory):
                                "setup_commands", "head_setup_commands", "worker_setup_commands",
                                "head_start_ray_commands", "worker_start_ray_commands")},
         "file_mounts": {}, "file_mounts_sync_continuously": False}))
+    token = temp / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
     # as from an activated venv: the job's `python` is this one
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     proc = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
                              f"--autoscaling-config={autoscaling}", "--dashboard-host=127.0.0.1",
                              f"--dashboard-port={dashboard}", f"--ray-client-server-port={free_port()}",
                              f"--temp-dir={temp}", "--include-dashboard=true"],
-                            env={**env, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"},
+                            # RAY_TMPDIR: its address file stays in its temp dir, where no later `ray.init()` on
+                            # this machine finds it once the head is gone
+                            env={**env, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+                                 "RAY_TMPDIR": str(temp)},
                             start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     address = f"http://127.0.0.1:{dashboard}"
     deadline = time.monotonic() + 120

@@ -7,8 +7,9 @@ import json
 import pytest
 
 from jobs.dataset import main as dataset_main
-from tandem.data.store import DatasetStore
+from tandem.data.dataset_store import DatasetStore
 from tandem.data.validation import validate_rows
+from tandem.errors import RejectedDataError
 
 
 def chat(user: str, answer: str, **extra) -> str:
@@ -118,7 +119,7 @@ def test_dataset_job_with_the_base_tokenizer(workdir, tmp_path, capsys):
     assert dataset_main(["show", "dataset=demo@latest"])["version"] == manifest["version"]
 
     path.write_text("\n".join(good[:2] + ["{broken"] * 3) + "\n")
-    with pytest.raises(SystemExit, match="60.0% of rows rejected"):
+    with pytest.raises(RejectedDataError, match="60.0% of rows rejected"):
         dataset_main(["add", "dataset.name=demo", f"dataset.path={path}"])
     assert "bad JSON" in capsys.readouterr().out
     assert len(dataset_main(["list"])) == 1  # nothing stored for the failed batch

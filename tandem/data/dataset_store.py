@@ -22,6 +22,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tandem.stats import percentile
+
 SCHEMA = pa.schema([
     ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
     ("split", pa.string()),
@@ -84,7 +86,7 @@ class DatasetStore:
                      "flagged": sum(bool(r["flags"]) for r in rows), "rejected": len(rejected)},
             "tokens": {"tokenizer": tokenizer, "min": min(tokens), "max": max(tokens),
                        "mean": round(statistics.fmean(tokens), 1),
-                       "p95": sorted(tokens)[int(0.95 * (len(tokens) - 1))], "total": sum(tokens)},
+                       "p95": percentile(tokens, 0.95), "total": sum(tokens)},
             **(extra or {}),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")

@@ -26,7 +26,8 @@ from tandem.models import load_for_inference, load_tokenizer, prepare_base, quan
 from tandem.registry import Registry
 from tandem.runtime import write_json
 
-JOB = Job("validate", __doc__, ("validate", "model", "dataset.root", "mlflow"), shorthands={"adapter": "validate.adapter"})
+JOB = Job("validate", __doc__, ("validate", "model", "dataset.root", "mlflow"),
+          shorthands={"adapter": "validate.adapter"})
 
 
 def retention_texts(train_rows: list[dict], n: int) -> list[str]:

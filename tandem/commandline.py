@@ -94,7 +94,8 @@ class Job:
             lines += ["", "short keys: " + ", ".join(f"{k}= for {v}=" for k, v in self.shorthands.items())]
         lines += ["", OPTIONS.format(name=self.name)]
         if self.sweeps:
-            lines.append("  -m, --multirun         sweep comma-separated values (key=a,b) of: " + ", ".join(self.sweeps))
+            lines.append("  -m, --multirun         sweep comma-separated values (key=a,b) of: " +
+                         ", ".join(self.sweeps))
         return "\n".join(lines)
 
     def _parse(self, argv: list[str]) -> tuple[str, list[str], str | None, bool]:

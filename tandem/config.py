@@ -102,6 +102,23 @@ class EvalConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    qa: str = "${workdir}/data/wiki_qa"  # a QA set (jobs.prepare_data data.dataset=wiki_qa): qa.jsonl, corpus/
+    split: str = "test"  # the QA set's split asked (split by document: no test fact is in train)
+    collection: str = "wiki_qa"  # where the QA set's corpus is indexed (incrementally)
+    # base | base+rag | tuned | tuned+rag | NAME@VERSION[+rag]: each arm answers every question
+    arms: list = field(default_factory=lambda: ["base", "base+rag", "tuned", "tuned+rag"])
+    adapter: Optional[str] = None  # NAME@ALIAS|VERSION of the `tuned` arms
+    max_questions: int = 200  # spread evenly over the question kinds; 0: every question of the split
+    k: int = 3  # passages per question, as the assistant route retrieves
+    mode: str = "hybrid"  # dense | bm25 | hybrid
+    max_new_tokens: int = 64
+    batch_size: int = 8  # questions per generate call
+    bootstrap: int = 2000  # resamples for the paired confidence intervals
+    output: str = "${workdir}/evaluate/${evaluate.split}.json"
+
+
+@dataclass
 class SearchConfig:
     query: Optional[str] = None  # the question (jobs.search)
     mode: str = "hybrid"  # dense | bm25 | hybrid
@@ -112,9 +129,11 @@ class SearchConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "wiki"  # wiki | wiki_beir | python_faq | rag_json
+    dataset: str = "wiki"  # wiki | wiki_beir | wiki_qa | python_faq | rag_json | grounded_qa
     source: Optional[str] = None  # where the raw data lies; None: its packaged or Debian location
     out: str = "${workdir}/data/${data.dataset}"  # the directory written
+    # grounded_qa: training rows drawn from the train split of evaluate.qa, with evaluate.k passages each
+    rows: int = 1200
 
 
 @dataclass
@@ -324,6 +343,7 @@ class TandemConfig:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     data: DataConfig = field(default_factory=DataConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import random
@@ -134,4 +135,110 @@ def rag_json(out: Path, source: str | None = None, rows: int = 600, seed: int = 
     return {"rows": write_jsonl(out / "rag_json.jsonl", lines)}
 
 
-BUILDERS = {"wiki": wiki, "wiki_beir": wiki_beir, "python_faq": python_faq, "rag_json": rag_json}
+# Question kinds built from Wikidata descriptions; each has several phrasings, so a model is not scored on one template.
+TITLE_TEMPLATES = ("What is the name of the {d}?", "Name the {d}.", "What is the {d} called?",
+                   "Can you name the {d}?")
+PERSON_TITLE_TEMPLATES = ("Who was the {d}?", "Name the {d}.", "Which person was the {d}?")
+WORK = re.compile(r"^(\d{4}) ([\w' -]+?) by ([A-Z][\w.' -]+)$")  # "1968 film by Stanley Kubrick"
+SPAN = re.compile(r"\((?:c\. ?)?(\d{3,4})\s*[–-]\s*(?:c\. ?)?(\d{3,4})\)")  # "(1328–1384)"
+PLACE = re.compile(r"^(?:[\w-]+ )?(?i:city|town|capital|village|municipality|commune|river|island|lake|mountain|"
+                   r"province|region)\b.*, ([A-Z][\w .'-]+)$")  # "City in ..., Mali"
+CREATED = {"film": ("directed", "released"), "novel": ("wrote", "published"), "book": ("wrote", "published"),
+           "novella": ("wrote", "published"), "poem": ("wrote", "published"), "play": ("wrote", "first performed"),
+           "painting": ("painted", "painted"), "opera": ("composed", "first performed"),
+           "ballet": ("composed", "first performed"), "album": ("recorded", "released"),
+           "single": ("recorded", "released")}
+
+
+def split_of(doc_id: str, test: float = 0.1, dev: float = 0.1) -> str:
+    """A document's split, from a hash of its id: every question about it lands in the same one, so no test fact is
+    ever trained on."""
+    h = int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "big") / 2**64
+    return "test" if h < test else "dev" if h < test + dev else "train"
+
+
+def _held_out(doc_id: str, share: float) -> bool:
+    return int.from_bytes(hashlib.sha256(f"held-out:{doc_id}".encode()).digest()[:8], "big") / 2**64 < share
+
+
+def _phrase(templates: tuple[str, ...], rng: random.Random, n: int, **values) -> list[str]:
+    return [t.format(**values) for t in rng.sample(templates, min(n, len(templates)))]
+
+
+def _lower_first(description: str, words: Counter) -> str:
+    """`Painting by Georges Seurat` -> `painting by ...` inside a question, but `Polish founder` stays: the corpus
+    (`words`: counts of each written form) says which case a word usually takes."""
+    first, _, rest = description.partition(" ")
+    lower = first[:1].lower() + first[1:]
+    return f"{lower} {rest}".strip() if words[lower] > words[first] else description
+
+
+def wiki_questions(key: str, v: dict, unique: bool, words: Counter, rng: random.Random, phrasings: int) -> list[dict]:
+    """Every question the article's description supports, each in `phrasings` wordings: its title (when the
+    description names only this article), the year and maker of a work, the years of a life or period, the country
+    of a place. Span answers are kept only where the summary states them, so retrieval can find them."""
+    title, text, desc = v.get("title", key), v["extract"], v.get("description", "").strip()
+    out = []
+
+    def add(kind: str, questions: list[str], answers: list[str]) -> None:
+        out.extend({"kind": kind, "question": q, "answers": answers, "phrasing": i} for i, q in enumerate(questions))
+
+    if unique and len(desc.split()) >= 3:
+        person = v.get("topic") == "People"
+        d = _lower_first(desc, words)
+        short = re.sub(r"\s*\(.*\)$", "", title)  # "Mercury (planet)" is answered by "Mercury"
+        add("title", _phrase(PERSON_TITLE_TEMPLATES if person else TITLE_TEMPLATES, rng, phrasings, d=d),
+            list(dict.fromkeys([title, short])))
+    if m := WORK.match(desc):
+        year, kind, maker = m.groups()
+        made, released = CREATED.get(kind.split()[-1], ("created", "made"))
+        if year in text:
+            add("year", [f"In what year was {title} {released}?", f"When was {title} {released}?",
+                         f"What year is {title} from?"][:phrasings], [year])
+        if maker in text:
+            add("person", [f"Who {made} {title}?", f"{title} is by whom?",
+                           f"Who is the creator of {title}?"][:phrasings], [maker])
+    if (m := SPAN.search(desc)) and v.get("topic") == "People":
+        born, died = m.groups()
+        if born in text:
+            add("year", [f"In what year was {title} born?", f"When was {title} born?"][:phrasings], [born])
+        if died in text:
+            add("year", [f"In what year did {title} die?", f"When did {title} die?"][:phrasings], [died])
+    if (m := PLACE.match(desc)) and m.group(1) in text:
+        add("place", [f"In which country is {title}?", f"Where is {title}? Name the country."][:phrasings],
+            [m.group(1)])
+    return out
+
+
+def wiki_qa(out: Path, source: str | None = None, phrasings: int = 2, held_out: float = 0.05, seed: int = 0) -> dict:
+    """A QA set over the Wikipedia summaries, split by document (`split_of`), with unanswerable questions.
+
+    Writes `corpus/wiki.jsonl` (what to index) and `qa.jsonl`: {id, question, answers, gold_docs, kind, split,
+    phrasing}. A share `held_out` of the articles is left out of the corpus; their questions become unanswerable
+    (answers and gold_docs empty: the right reply abstains) where no indexed article even names them."""
+    items = list(_wiki_items(source))
+    counts = Counter(v.get("description", "").strip().lower() for _, v in items)
+    rng = random.Random(seed)
+    indexed = [(k, v) for k, v in items if not _held_out(k, held_out)]
+    indexed_text = "\n".join(v["extract"].lower() for _, v in indexed)
+    words = Counter(re.findall(r"[\w-]+", "\n".join(v["extract"] for _, v in items)))
+    rows = []
+    for key, v in items:
+        unique = counts[v.get("description", "").strip().lower()] == 1
+        questions = wiki_questions(key, v, unique, words, rng, phrasings)
+        answerable = not _held_out(key, held_out)
+        if not answerable and v.get("title", key).lower() in indexed_text:
+            continue  # another article names it: not reliably unanswerable
+        for q in questions:
+            rows.append({"id": f"q{len(rows)}", **q, "answers": q["answers"] if answerable else [],
+                         "gold_docs": [key] if answerable else [], "kind": q["kind"] if answerable else "unanswerable",
+                         "split": split_of(key), "doc_id": key})
+    corpus = ({"id": k, "title": v.get("title", k), "text": v["extract"], "topic": v.get("topic", "")}
+              for k, v in indexed)
+    stats = {"documents": write_jsonl(out / "corpus" / "wiki.jsonl", corpus),
+             "questions": write_jsonl(out / "qa.jsonl", rows)}
+    by_kind = Counter((r["split"], r["kind"]) for r in rows)
+    return stats | {f"{split}/{kind}": n for (split, kind), n in sorted(by_kind.items())}
+
+
+BUILDERS = {"wiki": wiki, "wiki_beir": wiki_beir, "wiki_qa": wiki_qa, "python_faq": python_faq, "rag_json": rag_json}

@@ -6,9 +6,9 @@ from __future__ import annotations
 import csv
 import json
 import math
-import re
 from pathlib import Path
 
+from tandem.answers import token_f1
 from tandem.errors import ConfigError
 
 
@@ -50,16 +50,6 @@ def retrieval_metrics(ranked: dict[str, list[str]], qrels: dict[str, dict[str, i
         totals["ndcg@10"] += dcg / ideal if ideal else 0.0
     n = max(len(qrels), 1)
     return {k: round(v / n, 4) for k, v in totals.items()}
-
-
-def token_f1(prediction: str, reference: str) -> float:
-    """SQuAD-style word overlap between two answers (case and punctuation ignored)."""
-    pred, ref = (re.sub(r"[^\w\s]", " ", t.lower()).split() for t in (prediction, reference))
-    common = sum(min(pred.count(w), ref.count(w)) for w in set(pred))
-    if not pred or not ref or not common:
-        return 0.0
-    precision, recall = common / len(pred), common / len(ref)
-    return 2 * precision * recall / (precision + recall)
 
 
 def rag_json_scores(outputs: list[str], references: list[str]) -> dict:

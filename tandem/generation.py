@@ -10,14 +10,24 @@ import contextlib
 import copy
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
 from transformers.generation.streamers import BaseStreamer
 
 
-def generate_chat(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 96,
-                  batch_size: int = 8) -> list[str]:
+@dataclass
+class Generated:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency_ms: float  # of the batch it was generated in: what its caller waited
+
+
+def generate_replies(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 96,
+                     batch_size: int = 8) -> list[Generated]:
+    """Greedy answers to chat conversations, in batches, with their token counts and time."""
     import torch
 
     tokenizer.padding_side = "left"  # generation continues at the right edge of every row
@@ -28,11 +38,23 @@ def generate_chat(model, tokenizer, conversations: list[list[dict]], max_new_tok
     for i in range(0, len(prompts), batch_size):
         batch = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True,
                           add_special_tokens=False).to(model.device)
+        started = time.perf_counter()
         with torch.no_grad():
             out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)
-        outputs += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-    return [o.strip() for o in outputs]
+        latency = (time.perf_counter() - started) * 1000
+        new = out[:, batch["input_ids"].shape[1] :]
+        for row, prompt_len, text in zip(new, batch["attention_mask"].sum(dim=1).tolist(),
+                                         tokenizer.batch_decode(new, skip_special_tokens=True)):
+            ended = (row == tokenizer.eos_token_id).nonzero()
+            completion = int(ended[0]) + 1 if len(ended) else len(row)
+            outputs.append(Generated(text.strip(), prompt_len, completion, round(latency, 1)))
+    return outputs
+
+
+def generate_chat(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 96,
+                  batch_size: int = 8) -> list[str]:
+    return [g.text for g in generate_replies(model, tokenizer, conversations, max_new_tokens, batch_size)]
 
 
 @dataclass

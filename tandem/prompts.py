@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 
 SYSTEM = ('Answer the question using only the numbered context. Reply with JSON only: '
-          '{"answer": "<one sentence>", "sources": [<numbers of the passages used>]}')
+          '{"answer": "<a short answer>", "sources": [<numbers of the passages used>]}. '
+          'If the context does not answer the question, reply {"answer": "", "sources": []}.')
 
 
 def rag_messages(question: str, passages: list[str]) -> list[dict]:

@@ -37,7 +37,13 @@ class Rollout:
 
 
 def load(registry, adapter: str) -> Rollout | None:
-    raw = registry.model_tags(adapter).get("rollout")
+    """The adapter's rollout; None when it never had one, or is not registered yet (a RAG-first route's)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        raw = registry.model_tags(adapter).get("rollout")
+    except MlflowException:
+        return None
     return Rollout(**json.loads(raw)) if raw else None
 
 

@@ -86,7 +86,8 @@ def serve_cfg(ray_cluster, milvus_server, wiki_index, workdir, tmp_path_factory)
                  "serve.llm.max_adapters=2", "serve.llm.max_new_tokens=48", "serve.llm.default_max_tokens=12",
                  "serve.llm.max_context=1024", "serve.llm.num_cpus=0.5", "serve.retriever.num_cpus=0.25",
                  "+serve.routes.ro={adapter: ro}",
-                 "+serve.routes.fresh={adapter: fresh, rag: true, collection: wiki, k: 2}", "serve.refresh_s=0.5", "rollout.interval_s=0.5",
+                 "+serve.routes.fresh={adapter: fresh, rag: true, collection: wiki, k: 2}",
+                 "serve.refresh_s=0.5", "rollout.interval_s=0.5",
                  "rollout.min_requests=4", "rollout.min_seconds=1", "rollout.steps=[0.5,1.0]"]
     cfg = load_config("serve", overrides)
     registry = Registry.from_config(cfg)

@@ -104,7 +104,8 @@ def test_rag_json_rows_teach_the_serving_prompt_shape(tmp_path):
 
 
 def test_task_scores_and_token_f1():
-    from tandem.evaluation import rag_json_scores, token_f1
+    from tandem.answers import token_f1
+    from tandem.evaluation import rag_json_scores
 
     ref = '{"answer": "Paris is the capital of France.", "sources": [2]}'
     outs = [ref, '{"answer": "Paris is the capital.", "sources": [1]}', "Paris.", '{"answer": 1, "sources": []}']

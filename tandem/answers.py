@@ -1,0 +1,160 @@
+"""Answer quality as a user sees it: right, cited, grounded, or honestly abstaining; and whether a difference is real.
+
+Per question (`score_answer`): normalized exact match, token F1 and "contains the reference" against the reference
+answers; format validity (the `{"answer", "sources"}` shape of tandem/prompts.py); citation precision and recall (the
+cited passage numbers mapped to their documents, against the gold documents); groundedness (the share of the
+answer's content words found in the cited passages); abstention (an empty answer citing nothing) on unanswerable
+questions. `compare` puts a paired bootstrap confidence interval on the difference between two arms, so a gain is
+claimed only when the interval excludes zero.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import string
+from dataclasses import dataclass
+
+from tandem.prompts import parse_rag_answer
+
+# SQuAD's normalization, plus a small stop list for groundedness: function words prove nothing about a source.
+ARTICLES = re.compile(r"\b(a|an|the)\b")
+STOPWORDS = frozenset("""a an the of in on at to for from by with and or but is are was were be been being it its this
+that these those as which who whom what when where why how not no do does did has have had i you he she we they them his
+her their our your my me him us there here than then so such into over under about after before also""".split())
+
+
+def normalize(text: str) -> str:
+    text = "".join(c for c in text.lower() if c not in string.punctuation)
+    return " ".join(ARTICLES.sub(" ", text).split())
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD-style word overlap between two answers (case, punctuation and articles ignored)."""
+    pred, ref = normalize(prediction).split(), normalize(reference).split()
+    common = sum(min(pred.count(w), ref.count(w)) for w in set(pred))
+    if not pred or not ref or not common:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def content_words(text: str) -> list[str]:
+    return [w for w in normalize(text).split() if w not in STOPWORDS]
+
+
+@dataclass
+class Reply:
+    """What a model said, read the way the app reads it: the JSON shape when it has one, else the raw text."""
+    text: str
+    valid: bool  # exactly the {"answer", "sources"} shape
+    answer: str
+    sources: list[int]
+
+    @classmethod
+    def parse(cls, text: str) -> "Reply":
+        parsed = parse_rag_answer(text)
+        if parsed is None:
+            return cls(text, False, text.strip(), [])
+        return cls(text, True, parsed["answer"].strip(), list(parsed["sources"]))
+
+    @property
+    def abstained(self) -> bool:
+        return self.valid and not self.answer and not self.sources
+
+
+def score_answer(reply: Reply, references: list[str], gold_docs: list[str], passages: list[dict]) -> dict:
+    """Metrics for one question. `passages`: what the prompt numbered (each with `doc_id` and `text`), [] without
+    retrieval; `references` and `gold_docs` are empty for an unanswerable question."""
+    answerable = bool(references)
+    cited = [passages[i - 1] for i in dict.fromkeys(reply.sources) if 1 <= i <= len(passages)]
+    out = {"valid": float(reply.valid), "answerable": answerable}
+    if not answerable:
+        out["abstained"] = float(reply.abstained)
+        return out
+    out["exact"] = max(float(normalize(reply.answer) == normalize(r)) for r in references)
+    out["f1"] = max(token_f1(reply.answer, r) for r in references)
+    out["contains"] = max(float(bool(normalize(r)) and f" {normalize(r)} " in f" {normalize(reply.answer)} ")
+                          for r in references)
+    out["false_abstention"] = float(reply.abstained)
+    if passages:
+        retrieved = {p["doc_id"] for p in passages}
+        out["retrieved_gold"] = float(bool(retrieved & set(gold_docs)))
+        if reply.sources:
+            out["citation_precision"] = sum(p["doc_id"] in gold_docs for p in cited) / len(reply.sources)
+        if out["retrieved_gold"]:
+            out["citation_recall"] = float(any(p["doc_id"] in gold_docs for p in cited))
+        words = content_words(reply.answer)
+        if words:
+            support = set(content_words(" ".join(p["text"] for p in cited)))
+            out["grounded"] = sum(w in support for w in words) / len(words)
+    return out
+
+
+def mean(rows: list[dict], key: str) -> float | None:
+    values = [r[key] for r in rows if key in r]
+    return sum(values) / len(values) if values else None
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Each metric averaged over the questions it applies to, with how many those were."""
+    keys = sorted({k for r in rows for k in r if k != "answerable"})
+    return {k: {"mean": round(mean(rows, k), 4), "n": sum(k in r for r in rows)} for k in keys}
+
+
+def compare(a: list[dict], b: list[dict], key: str, samples: int = 2000, seed: int = 0) -> dict | None:
+    """Paired bootstrap of mean(b) - mean(a) over the questions both arms have `key` for: the difference and its
+    95% interval; `significant` when the interval excludes zero."""
+    pairs = [(x[key], y[key]) for x, y in zip(a, b) if key in x and key in y]
+    if not pairs:
+        return None
+    rng = random.Random(seed)
+    n = len(pairs)
+    diffs = sorted(sum(pairs[j][1] - pairs[j][0] for j in (rng.randrange(n) for _ in range(n))) / n
+                   for _ in range(samples))
+    low, high = diffs[int(0.025 * samples)], diffs[int(0.975 * samples) - 1]
+    delta = sum(y - x for x, y in pairs) / n
+    return {"delta": round(delta, 4), "low": round(low, 4), "high": round(high, 4), "n": n,
+            "significant": low > 0 or high < 0}
+
+
+# The decision matrix's questions: which arm pairs, on which metric, answer "is knowledge missing?" and "is
+# behaviour missing?" (Tandem's argument: RAG supplies the what, fine-tuning the how).
+QUESTIONS = (
+    ("knowledge", "base", "base+rag", "contains", "correctness"),
+    ("knowledge", "tuned", "tuned+rag", "contains", "correctness"),
+    ("behaviour", "base+rag", "tuned+rag", "valid", "format validity"),
+    ("behaviour", "base+rag", "tuned+rag", "citation_precision", "citation precision"),
+    ("behaviour", "base+rag", "tuned+rag", "abstained", "abstention on unanswerable questions"),
+    ("behaviour", "base+rag", "tuned+rag", "contains", "correctness"),
+)
+
+
+def comparisons(rows: dict[str, list[dict]], samples: int = 2000) -> list[dict]:
+    """Each of QUESTIONS whose two arms were run, with its paired bootstrap interval."""
+    out = []
+    for aspect, a, b, key, what in QUESTIONS:
+        if a in rows and b in rows and (c := compare(rows[a], rows[b], key, samples)) is not None:
+            out.append({"aspect": aspect, "from": a, "to": b, "metric": key, "what": what, **c})
+    return out
+
+
+def verdict(summaries: dict[str, dict], compared: list[dict]) -> list[str]:
+    """Plain sentences: what RAG adds, what fine-tuning adds, claimed only where the interval excludes zero; and
+    which arm is best on each headline metric."""
+    lines = []
+    for c in compared:
+        interval = f"{c['delta']:+.2f}, 95% CI {c['low']:+.2f}..{c['high']:+.2f}, n={c['n']}"
+        step = "RAG" if c["aspect"] == "knowledge" else "fine-tuning"
+        if c["significant"] and c["delta"] > 0:
+            lines.append(f"missing {c['aspect']}: {step} adds {c['what']} to {c['from']} ({interval})")
+        elif c["significant"]:
+            lines.append(f"{step} costs {c['what']} against {c['from']} ({interval})")
+        else:
+            lines.append(f"{step} makes no significant difference to {c['what']} from {c['from']} ({interval})")
+    for key in ("contains", "valid", "citation_precision", "grounded", "abstained"):
+        scored = {arm: s[key]["mean"] for arm, s in summaries.items() if key in s}
+        if scored:
+            best = max(scored.values())
+            lines.append(f"best on {key}: {', '.join(a for a, v in scored.items() if v == best)} ({best:.2f})")
+    return lines

@@ -1,0 +1,110 @@
+"""QA sets in use: their questions, the passages the retriever gives each one, and the grounded-answering task.
+
+The grounded task teaches the behaviour half of Tandem: answer from the numbered passages with a short span, cite
+the passage that holds it, and abstain (`{"answer": "", "sources": []}`) when none does. Its passages are what the
+real retriever returns for the question (hard negatives, not random articles), and its labels come from the
+passages themselves: a retrieved gold passage that states a reference answer is cited; otherwise the right reply
+is to abstain, even for a question that has an answer somewhere in the corpus.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import defaultdict
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from tandem.answers import normalize
+from tandem.errors import ConfigError
+from tandem.prompts import rag_answer, rag_messages
+
+
+def load_qa(root: str | Path, split: str) -> list[dict]:
+    """The questions of one split of a QA set written by `tandem.datasets.wiki_qa` (`qa.jsonl`)."""
+    path = Path(root) / "qa.jsonl"
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing: build a QA set with `jobs.prepare_data data.dataset=wiki_qa`")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["split"] == split]
+
+
+def pick(questions: list[dict], limit: int) -> list[dict]:
+    """Up to `limit` questions (0: all), taken in turn from each kind, so rare kinds (unanswerable, years) are not
+    drowned by the common one."""
+    by_kind: dict[str, list[dict]] = defaultdict(list)
+    for q in questions:
+        by_kind[q["kind"]].append(q)
+    queues, picked = [by_kind[k] for k in sorted(by_kind)], []
+    for i in range(max(map(len, queues), default=0)):
+        picked += [q[i] for q in queues if i < len(q)]
+    return picked[:limit] if limit else picked
+
+
+def one_per_fact(questions: list[dict], seed: int = 0) -> list[dict]:
+    """One phrasing of each (document, kind): training on two wordings of the same row teaches nothing new and the
+    dataset's near-duplicate check would reject the second."""
+    rng = random.Random(seed)
+    facts: dict[tuple, list[dict]] = defaultdict(list)
+    for q in questions:
+        facts[(q["doc_id"], q["kind"], tuple(q["answers"]))].append(q)
+    return [rng.choice(v) for v in facts.values()]
+
+
+def passages_for(cfg, root: str | Path, questions: list[dict], collection: str, k: int, mode: str) -> list[list[dict]]:
+    """The passages each question gets from the app's retriever, over the QA set's corpus indexed (incrementally)
+    into `collection`; each {doc_id, title, text}."""
+    from tandem.embedding import Embedder
+    from tandem.indexing import run_index
+    from tandem.milvus import connect, milvus_endpoint
+    from tandem.retrieval import Retriever
+    from tandem.runtime import ray_session
+
+    index_cfg = OmegaConf.merge(cfg, {"corpus": {"path": str(Path(root) / "corpus")},
+                                      "store": {"collection": collection}})
+    with ray_session(cfg.ray), milvus_endpoint(cfg.store.uri) as uri:
+        run_index(index_cfg, uri)
+        client = connect(uri)
+        try:
+            retriever = Retriever.from_config(client, collection, Embedder.from_config(cfg.embedder).encode, cfg)
+            hits = []
+            for i in range(0, len(questions), 256):
+                hits += retriever.search([q["question"] for q in questions[i : i + 256]], k=k, mode=mode)
+        finally:
+            client.close()
+    return [[{"doc_id": h.doc_id, "title": h.title, "text": h.text} for h in hs] for hs in hits]
+
+
+def grounded_label(question: dict, passages: list[dict]) -> tuple[str, list[int]]:
+    """(answer, sources): the reference a retrieved gold passage states, cited by number; ("", []) when none does."""
+    for ref in question["answers"]:
+        sources = [i for i, p in enumerate(passages, start=1) if p["doc_id"] in question["gold_docs"]
+                   and f" {normalize(ref)} " in f" {normalize(p['text'])} "]
+        if sources:
+            return ref, sources
+    return "", []
+
+
+def grounded_rows(questions: list[dict], passages: list[list[dict]]) -> list[dict]:
+    """Chat rows of the grounded task, in the serving prompt's shape, each with its question id and kind."""
+    rows = []
+    for q, ps in zip(questions, passages):
+        answer, sources = grounded_label(q, ps)
+        messages = rag_messages(q["question"], [p["text"] for p in ps])
+        rows.append({"messages": [*messages, {"role": "assistant", "content": rag_answer(answer, sources)}],
+                     "id": q["id"], "kind": q["kind"], "abstain": not sources})
+    return rows
+
+
+def build_grounded(cfg, out: Path) -> dict:
+    """`data.rows` rows of the grounded task from the train split of `evaluate.qa` (one phrasing per fact, spread
+    over question kinds), with `evaluate.k` passages from the retriever in `evaluate.mode`; written as JSONL."""
+    from tandem.datasets import write_jsonl
+
+    e = cfg.evaluate
+    questions = pick(one_per_fact(load_qa(e.qa, "train")), cfg.data.rows)
+    rows = grounded_rows(questions, passages_for(cfg, e.qa, questions, e.collection, e.k, e.mode))
+    kinds = sorted({r["kind"] for r in rows})
+    return {"rows": write_jsonl(out, rows), "abstain": sum(r["abstain"] for r in rows),
+            **{kind: sum(r["kind"] == kind for r in rows) for kind in kinds}}

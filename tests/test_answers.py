@@ -1,0 +1,98 @@
+"""Answer quality as users see it: QA sets split by document, per-answer metrics, and the decision matrix job."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+
+from tandem.answers import Reply, compare, score_answer, summarize
+from tandem.datasets import split_of, wiki_qa, wiki_source
+
+PASSAGES = [{"doc_id": "Kubrick", "text": "Stanley Kubrick was an American filmmaker."},
+            {"doc_id": "2001", "text": "2001: A Space Odyssey is a 1968 film directed by Stanley Kubrick."}]
+
+
+def test_answer_metrics():
+    right = score_answer(Reply.parse('{"answer": "2001: A Space Odyssey", "sources": [2]}'),
+                         ["2001: A Space Odyssey"], ["2001"], PASSAGES)
+    assert right == {**right, "valid": 1.0, "exact": 1.0, "contains": 1.0, "citation_precision": 1.0,
+                     "citation_recall": 1.0, "retrieved_gold": 1.0, "false_abstention": 0.0}
+    assert right["grounded"] == 1.0  # every content word of the answer is in the cited passage
+    wrong = score_answer(Reply.parse('{"answer": "Stanley Kubrick was a filmmaker.", "sources": [1]}'),
+                         ["2001: A Space Odyssey"], ["2001"], PASSAGES)
+    assert wrong["contains"] == wrong["exact"] == 0.0 and wrong["citation_precision"] == 0.0
+    assert wrong["citation_recall"] == 0.0 and wrong["grounded"] == 1.0  # grounded, but in the wrong passage
+    loose = score_answer(Reply.parse("It is 2001: A Space Odyssey, I think."), ["2001: A Space Odyssey"], ["2001"],
+                         [])
+    assert loose["valid"] == 0.0 and loose["contains"] == 1.0 and "citation_precision" not in loose
+    abstain = Reply.parse('{"answer": "", "sources": []}')
+    assert score_answer(abstain, [], [], PASSAGES) == {"valid": 1.0, "answerable": False, "abstained": 1.0}
+    assert score_answer(Reply.parse('{"answer": "Paris", "sources": [1]}'), [], [], PASSAGES)["abstained"] == 0.0
+    assert summarize([right, wrong])["contains"] == {"mean": 0.5, "n": 2}
+
+
+def test_paired_bootstrap_claims_only_real_differences():
+    a = [{"contains": float(i % 2)} for i in range(60)]
+    better = [{"contains": 1.0} for _ in range(60)]
+    same = [{"contains": float((i + 1) % 2)} for i in range(60)]
+    assert compare(a, better, "contains")["significant"] and compare(a, better, "contains")["delta"] == 0.5
+    flat = compare(a, same, "contains")
+    assert not flat["significant"] and flat["low"] < 0 < flat["high"]
+
+
+def test_wiki_qa_is_split_by_document_with_unanswerable_questions(tmp_path):
+    stats = wiki_qa(tmp_path, str(wiki_source()))
+    rows = [json.loads(line) for line in (tmp_path / "qa.jsonl").read_text().splitlines()]
+    splits = defaultdict(set)
+    for r in rows:
+        splits[r["split"]].add(r["doc_id"])
+        assert r["split"] == split_of(r["doc_id"])
+    assert not splits["train"] & splits["test"] and not splits["train"] & splits["dev"]
+    indexed = {json.loads(line)["id"] for line in (tmp_path / "corpus" / "wiki.jsonl").read_text().splitlines()}
+    assert stats["documents"] == len(indexed)
+    kinds = {r["kind"] for r in rows if r["split"] == "test"}
+    assert kinds == {"title", "year", "person", "place", "unanswerable"}
+    for r in rows:
+        if r["kind"] == "unanswerable":  # its article is not indexed: the right reply abstains
+            assert r["answers"] == r["gold_docs"] == [] and r["doc_id"] not in indexed
+        else:
+            assert r["gold_docs"] == [r["doc_id"]] and r["doc_id"] in indexed and r["answers"]
+    kubrick = [r["question"] for r in rows if r["doc_id"] == "2001: A Space Odyssey"]
+    assert len(kubrick) >= 6 and "Who directed 2001: A Space Odyssey?" in kubrick  # 3 kinds x 2 phrasings
+
+
+def test_decision_matrix_on_held_out_questions(ray_cluster, milvus_server, serve_cfg, wiki_rows, tmp_path):
+    """jobs.evaluate end to end on a small QA set: each arm answers the same test-split questions through the
+    serving prompt and retriever; the report has every metric, intervals, a verdict and an MLflow run."""
+    from jobs.evaluate import main as evaluate_main
+    from tandem.registry import Registry
+
+    source = tmp_path / "summaries.json"
+    picked = {r["id"]: {"title": r["title"], "extract": r["text"], "topic": r["topic"],
+                        "description": wiki_row_descriptions()[r["id"]]} for r in wiki_rows}
+    source.write_text(json.dumps(picked))
+    wiki_qa(tmp_path / "qa", str(source), held_out=0.1)
+    out = tmp_path / "report.json"
+    report = evaluate_main([f"evaluate.qa={tmp_path / 'qa'}", f"store.uri={milvus_server}", "adapter=demo@1",
+                            "evaluate.collection=qa_small", "evaluate.max_questions=8", "evaluate.max_new_tokens=16",
+                            "evaluate.arms=[base,base+rag,tuned+rag]", "evaluate.bootstrap=200",
+                            f"evaluate.output={out}", "embedder.num_cpus=0.5"])  # fits beside a running app
+    assert report["questions"] == 8 and set(report["arms"]) == {"base", "base+rag", "tuned+rag"}
+    rag = report["arms"]["base+rag"]["all"]
+    assert rag["retrieved_gold"]["mean"] >= 0.5  # whole questions find their article
+    assert "retrieved_gold" not in report["arms"]["base"]["all"]  # no retrieval, no passages to cite
+    assert all(0 <= v["mean"] <= 1 for s in report["arms"].values() for v in s["all"].values())
+    assert {c["metric"] for c in report["comparisons"]} >= {"contains", "valid"}
+    assert report["verdict"] and all(s["latency_ms"] > 0 for s in report["arms"].values())
+    answers = out.with_suffix(".answers.jsonl").read_text().splitlines()
+    assert len(answers) == 3 * 8
+    questions = {json.loads(a)["id"] for a in answers}
+    assert len(questions) == 8
+    runs = Registry.from_config(serve_cfg).client.search_runs(
+        [Registry.from_config(serve_cfg).experiment_id], "tags.kind = 'evaluation'")
+    assert runs and "base_rag.contains" in runs[0].data.metrics
+
+
+def wiki_row_descriptions() -> dict[str, str]:
+    return {k: v.get("description", "") for k, v in json.loads(wiki_source().read_text()).items()
+            if isinstance(v, dict)}

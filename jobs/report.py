@@ -6,6 +6,7 @@
 - Traffic: per variant and time bucket, requests, error rate and p95 latency from the request log, with the rollout
   decisions marked where they happened.
 - Retrieval: recall@10, MRR@10 and nDCG@10 per mode from the last jobs.eval_retrieval report.
+- Answer quality: the decision matrix's arms side by side, and its verdict, from the last jobs.evaluate report.
 Plots are embedded, so the file travels alone.
 """
 
@@ -95,6 +96,21 @@ def retrieval_plot(report: dict, plt) -> str:
     return _png(fig)
 
 
+def answers_plot(report: dict, plt) -> str:
+    """The decision matrix: each arm's headline metrics side by side."""
+    names = ["contains", "valid", "citation_precision", "grounded", "abstained", "retrieved_gold"]
+    arms = report["arms"]
+    fig, ax = plt.subplots(figsize=(7.5, 3.2))
+    width = 0.8 / len(arms)
+    for i, (arm, s) in enumerate(arms.items()):
+        ax.bar([j + i * width for j in range(len(names))], [s["all"].get(n, {}).get("mean", 0) for n in names], width,
+               label=arm)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], [n.replace("_", "\n") for n in names], fontsize=8)
+    ax.set(ylim=(0, 1), title=f"answers: {report['questions']} {report['split']} questions, k={report['k']}")
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
 def main(argv: list[str] | None = None) -> Path:
     import matplotlib
 
@@ -121,6 +137,10 @@ def main(argv: list[str] | None = None) -> Path:
                          f"<table><tr><th>time</th><th>decision</th><th>version</th><th>why</th></tr>{table}</table>"))
     if Path(r.eval).is_file():
         sections.append(("Retrieval", retrieval_plot(json.loads(Path(r.eval).read_text()), plt)))
+    if Path(r.evaluate).is_file():
+        matrix = json.loads(Path(r.evaluate).read_text())
+        sections.append(("Answer quality", answers_plot(matrix, plt) + "<ul>" + "".join(
+            f"<li>{html.escape(line)}</li>" for line in matrix["verdict"]) + "</ul>"))
     plt.close("all")
     body = "".join(f"<h2>{title}</h2>{content}" for title, content in sections) or "<p>Nothing to show yet.</p>"
     out = Path(r.output).expanduser()

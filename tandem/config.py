@@ -328,6 +328,7 @@ class ReportConfig:
     route: Optional[str] = None  # canary vs production over time on this route
     adapter: Optional[str] = None  # NAME@ALIAS|VERSION whose training curves to plot; null: the route's production
     eval: str = "${eval.output}"  # a jobs.eval_retrieval report
+    evaluate: str = "${evaluate.output}"  # a jobs.evaluate report (the decision matrix)
     bucket_s: float = 60.0  # traffic is plotted per bucket of this many seconds
     output: str = "${workdir}/report.html"  # the HTML page
 

@@ -65,6 +65,7 @@ def test_decision_matrix_on_held_out_questions(ray_cluster, milvus_server, serve
     """jobs.evaluate end to end on a small QA set: each arm answers the same test-split questions through the
     serving prompt and retriever; the report has every metric, intervals, a verdict and an MLflow run."""
     from jobs.evaluate import main as evaluate_main
+    from jobs.report import main as report_main
     from tandem.registry import Registry
 
     source = tmp_path / "summaries.json"
@@ -91,6 +92,8 @@ def test_decision_matrix_on_held_out_questions(ray_cluster, milvus_server, serve
     runs = Registry.from_config(serve_cfg).client.search_runs(
         [Registry.from_config(serve_cfg).experiment_id], "tags.kind = 'evaluation'")
     assert runs and "base_rag.contains" in runs[0].data.metrics
+    page = report_main(["route=chat", f"report.evaluate={out}", f"report.output={tmp_path / 'report.html'}"])
+    assert "Answer quality" in page.read_text() and report["verdict"][0] in page.read_text()
 
 
 def wiki_row_descriptions() -> dict[str, str]:

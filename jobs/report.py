@@ -39,7 +39,12 @@ def _png(fig) -> str:
 
 
 def training_plot(registry: Registry, ref: str, plt) -> str:
-    version = registry.resolve(ref)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        version = registry.resolve(ref)
+    except MlflowException:  # RAG first: the route serves the base model until an adapter reaches production
+        return f"<p>{html.escape(ref)} does not exist yet: the route answers with the base model and retrieval.</p>"
     curves = {key: sorted(registry.client.get_metric_history(version.run_id, key), key=lambda m: m.step)
               for key in ("loss", "eval_loss")}
     if not any(curves.values()):

@@ -126,10 +126,11 @@ class Job:
 
     def _combinations(self, overrides: list[str]) -> list[tuple[list[str], list[str]]]:
         from hydra.core.override_parser.overrides_parser import OverridesParser
+        from hydra.errors import HydraException
 
         try:
             parsed = OverridesParser.create().parse_overrides(overrides)
-        except Exception as e:
+        except HydraException as e:
             raise ConfigError(_first_line(e)) from None
         choices = []
         for o in parsed:

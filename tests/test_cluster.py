@@ -63,6 +63,11 @@ def head(tmp_path_factory):
     proc = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
                              f"--autoscaling-config={autoscaling}", "--dashboard-host=127.0.0.1",
                              f"--dashboard-port={dashboard}", f"--ray-client-server-port={free_port()}",
+                             # ports of its own: the session's cluster, when it started first, holds the defaults
+                             # (52365 for the dashboard agent)
+                             f"--dashboard-agent-listen-port={free_port()}",
+                             f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+                             f"--metrics-export-port={free_port()}",
                              f"--temp-dir={temp}", "--include-dashboard=true"],
                             # RAY_TMPDIR: its address file stays in its temp dir, where no later `ray.init()` on
                             # this machine finds it once the head is gone

@@ -190,7 +190,7 @@ class Router:
         meta = {"request_id": request_id, "route": route.name, "variant": choice.variant, "adapter": choice.adapter}
         headers = {"x-tandem-request-id": request_id, "x-tandem-route": route.name, "x-tandem-variant": choice.variant,
                    "x-tandem-adapter": choice.adapter or "base"}
-        if route.shadow and route.canary and choice.variant == "production":
+        if route.shadow and route.canary and choice.variant == route.default_variant:
             shadow = {**record, "variant": "shadow", "adapter": route.canary,
                       "request_id": f"shadow-{request_id.removeprefix('chatcmpl-')}", "shadow_of": request_id}
             self.shadows.add(asyncio.create_task(self._shadow({**payload, "adapter": route.canary}, shadow)))

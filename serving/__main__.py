@@ -18,7 +18,7 @@ from tandem.commandline import Job, run
 from tandem.runtime import ray_session
 
 JOB = Job("serve", __doc__, ("serve", "model", "store.uri", "store.collection", "store.search_params", "search.rrf_k",
-                             "embedder.model", "embedder.device", "mlflow", "rollout"))
+                             "embedder.model", "embedder.device", "mlflow", "rollout"), module="serving")
 
 
 def ask(base_url: str, route: str, question: str) -> dict:

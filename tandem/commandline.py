@@ -54,12 +54,17 @@ class Job:
     shorthands: dict = field(default_factory=dict)  # `dataset=X` for `dataset.ref=X`
     commands: tuple[str, ...] = ()  # subcommands, e.g. dataset add|list|show
     sweeps: tuple[str, ...] = ()  # keys -m may sweep; empty: no sweeps
+    module: str = ""  # what `python -m` runs; default: jobs.<name>
+
+    @property
+    def prog(self) -> str:
+        return f"python -m {self.module or 'jobs.' + self.name}"
 
     def config(self, argv: list[str]) -> DictConfig:
         """The config for `argv` (key=value overrides and options); raises Shown or ConfigError."""
         runs = self.sweep(argv)
         if len(runs) > 1:
-            raise ConfigError(f"jobs.{self.name} runs one configuration; "
+            raise ConfigError(f"{self.prog} runs one configuration; "
                               f"{'-m sweeps' if self.sweeps else 'it has no sweeps'}")
         return runs[0][1]
 
@@ -70,7 +75,7 @@ class Job:
         if any(a in HELP for a in argv):
             self.config(list(argv))  # raises Shown with the help
         raise ConfigError(f"expected a command first, one of {', '.join(self.commands)}; got "
-                          f"{argv[0] if argv else 'none'} (python -m jobs.{self.name} --help)")
+                          f"{argv[0] if argv else 'none'} ({self.prog} --help)")
 
     def sweep(self, argv: list[str]) -> list[tuple[list[str], DictConfig]]:
         """Every configuration `argv` asks for: one, or with -m one per combination of comma-separated values,
@@ -116,11 +121,11 @@ class Job:
             elif arg in MULTIRUN and self.sweeps:
                 multirun = True
             elif arg.startswith("-") and "=" not in arg:
-                raise ConfigError(f"unknown option {arg} for jobs.{self.name} (--help lists what it takes)")
+                raise ConfigError(f"unknown option {arg} for {self.prog} (--help lists what it takes)")
             else:
                 key, sep, value = arg.partition("=")
                 if not sep:
-                    raise ConfigError(f"expected key=value, got {arg!r} (python -m jobs.{self.name} --help)")
+                    raise ConfigError(f"expected key=value, got {arg!r} ({self.prog} --help)")
                 overrides.append(f"{self.shorthands[key]}={value}" if key in self.shorthands else arg)
         return name, overrides, show, multirun
 
@@ -139,7 +144,7 @@ class Job:
                 choices.append([None])
             elif key.lstrip("+") not in self.sweeps and not key.lstrip("+").startswith(
                     tuple(s + "." for s in self.sweeps)):
-                raise ConfigError(f"-m cannot sweep {key}; jobs.{self.name} sweeps {', '.join(self.sweeps)}")
+                raise ConfigError(f"-m cannot sweep {key}; {self.prog} sweeps {', '.join(self.sweeps)}")
             else:
                 choices.append([f"{key}={v}" for v in o.sweep_string_iterator()])
         runs = []
@@ -158,7 +163,9 @@ class Job:
             cause = e.__cause__
             if isinstance(cause, OmegaConfBaseException) and "not in" in str(cause):
                 key = getattr(cause, "full_key", None) or _first_line(e)
-                raise ConfigError(f"unknown config key {key} for jobs.{self.name} (--help lists the keys)") from None
+                hint = "; a key a route does not set yet takes +: +serve.routes.NAME.KEY=..." \
+                    if str(key).startswith("serve.routes.") else ""
+                raise ConfigError(f"unknown config key {key} for {self.prog} (--help lists the keys{hint})") from None
             if "Ambiguous value" in str(e):
                 raise ConfigError(f"{_first_line(e).split('for argument ')[-1]}: a list is key=[a,b]; "
                                   f"{'-m sweeps a,b' if self.sweeps else 'this job has no sweeps'}") from None

@@ -36,7 +36,7 @@ def test_config_overrides_are_typed_and_typos_fail(monkeypatch):
     assert cluster.embedder.num_gpus == 1 and cluster.embedder.num_actors == 16
     assert cluster.store.uri == "http://milvus.example:19530" and cluster.mlflow.artifacts is None
     assert FINETUNE.config(["site=cluster"]).train.use_gpu
-    with pytest.raises(ConfigError, match="unknown config key store.colection for jobs.index"):
+    with pytest.raises(ConfigError, match="unknown config key store.colection for python -m jobs.index"):
         INDEX.config(["store.colection=x"])  # the same mistake on a job's command line: one line, naming the key
 
 

@@ -102,15 +102,15 @@ def main(argv: list[str] | None = None) -> dict:
     e = cfg.evaluate
     require(e.qa, "evaluate.qa")
     arms = list(e.arms)
-    for arm in arms:
-        parse_arm(arm, e.adapter)  # a bad arm fails before anything is indexed or loaded
+    # each arm's passages, or none; a bad arm fails here, before anything is indexed or loaded
+    rag = {arm: parse_arm(arm, e.adapter)[1] for arm in arms}
     questions = pick(load_qa(e.qa, e.split), e.max_questions)
     if not questions:
         raise ConfigError(f"{e.qa} has no questions in split {e.split!r}")
     passages = passages_for(cfg, e.qa, questions, e.collection, e.k, e.mode) \
-        if any(a.endswith("+rag") for a in arms) else [[] for _ in questions]
+        if any(rag.values()) else [[] for _ in questions]
     generated = answer(cfg, arms, questions, passages)
-    scores = {arm: [score_answer(Reply.parse(g.text), q["answers"], q["gold_docs"], ps if arm.endswith("+rag") else [])
+    scores = {arm: [score_answer(Reply.parse(g.text), q["answers"], q["gold_docs"], ps if rag[arm] else [])
                     for q, ps, g in zip(questions, passages, gs)] for arm, gs in generated.items()}
     kinds = sorted({q["kind"] for q in questions})
     summaries = {arm: summary(scores[arm], generated[arm], questions, kinds) for arm in arms}
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     answers = out.with_suffix(".answers.jsonl")
     answers.write_text("".join(
         json.dumps({"arm": arm, "id": q["id"], "kind": q["kind"], "question": q["question"], "references": q["answers"],
-                    "passages": [p["doc_id"] for p in ps] if arm.endswith("+rag") else [], "reply": g.text,
+                    "passages": [p["doc_id"] for p in ps] if rag[arm] else [], "reply": g.text,
                     "scores": s, "latency_ms": g.latency_ms, "completion_tokens": g.completion_tokens},
                    ensure_ascii=False) + "\n"
         for arm in arms for q, ps, g, s in zip(questions, passages, generated[arm], scores[arm])))

@@ -1,7 +1,7 @@
 """Change what a route serves, live: start a canary rollout, promote, roll back, pause, resume or abort.
 
-    python -m jobs.promote route=assistant adapter=rag_json@2 stage=canary [weight=0.1] [rollout.shadow=true]
-    python -m jobs.promote route=assistant stage=production [adapter=rag_json@2] reason="..."
+    python -m jobs.promote route=assistant adapter=grounded_qa@2 stage=canary [weight=0.1] [rollout.shadow=true]
+    python -m jobs.promote route=assistant stage=production [adapter=grounded_qa@2] reason="..."
     python -m jobs.promote route=assistant stage=rollback|pause|resume|abort reason="..."
 
 Only the registry is written (aliases, the canary weight, the rollout state; each change with who, why and when).

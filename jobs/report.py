@@ -1,12 +1,13 @@
 """One HTML page to look at: training curves, canary vs production over time, and retrieval quality.
 
-    python -m jobs.report route=assistant [adapter=rag_json@production] [report.output=PATH]
+    python -m jobs.report route=assistant [adapter=grounded_qa@production] [report.output=PATH]
 
 - Training: loss and eval loss by step from the adapter version's MLflow run.
 - Traffic: per variant and time bucket, requests, error rate and p95 latency from the request log, with the rollout
   decisions marked where they happened.
 - Retrieval: recall@10, MRR@10 and nDCG@10 per mode from the last jobs.eval_retrieval report.
-- Answer quality: the decision matrix's arms side by side, and its verdict, from the last jobs.evaluate report.
+- Answer quality: the decision matrix's arms side by side, its verdict and freshness check, from the last
+  jobs.evaluate report.
 Plots are embedded, so the file travels alone.
 """
 
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from tandem.commandline import Job, run
 from tandem.config import require, route_config
+from tandem.freshness import freshness_lines
 from tandem.registry import Registry
 from tandem.requestlog import read_log
 from tandem.stats import percentile
@@ -144,8 +146,9 @@ def main(argv: list[str] | None = None) -> Path:
         sections.append(("Retrieval", retrieval_plot(json.loads(Path(r.eval).read_text()), plt)))
     if Path(r.evaluate).is_file():
         matrix = json.loads(Path(r.evaluate).read_text())
+        lines = matrix["verdict"] + (freshness_lines(matrix["freshness"]) if "freshness" in matrix else [])
         sections.append(("Answer quality", answers_plot(matrix, plt) + "<ul>" + "".join(
-            f"<li>{html.escape(line)}</li>" for line in matrix["verdict"]) + "</ul>"))
+            f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>"))
     plt.close("all")
     body = "".join(f"<h2>{title}</h2>{content}" for title, content in sections) or "<p>Nothing to show yet.</p>"
     out = Path(r.output).expanduser()

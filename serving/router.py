@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException
 from serving.metrics import RouterMetrics
 from serving.openai_api import APIError, ChatCompletionRequest, FeedbackRequest, RetrieveRequest, error
 from serving.routes import RouteError, RouteTable
+from tandem.answers import served_grounding
 from tandem.canary import user_hash
 from tandem.models import BaseModel, load_tokenizer
 from tandem.prompts import parse_rag_answer, rag_messages
@@ -193,7 +194,7 @@ class Router:
         if route.shadow and route.canary and choice.variant == route.default_variant:
             shadow = {**record, "variant": "shadow", "adapter": route.canary,
                       "request_id": f"shadow-{request_id.removeprefix('chatcmpl-')}", "shadow_of": request_id}
-            self.shadows.add(asyncio.create_task(self._shadow({**payload, "adapter": route.canary}, shadow)))
+            self.shadows.add(asyncio.create_task(self._shadow({**payload, "adapter": route.canary}, shadow, sources)))
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(self._sse(events, body.model, sources, meta, record, started, include_usage),
@@ -206,9 +207,9 @@ class Router:
                 text, last = text + event["text"], event if event.get("finish_reason") else last
         except Exception as e:  # the server's fault, not the caller's: 503, and logged for the rollout gates
             error = e if isinstance(e, APIError) else APIError(503, f"generation failed: {e}", code="llm_unavailable")
-            self._log(record, started, text, last, status="error", error=error.message)
+            self._log(record, started, text, last, sources, status="error", error=error.message)
             raise error from None
-        format_valid = self._log(record, started, text, last)
+        format_valid = self._log(record, started, text, last, sources)
         completion = {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": body.model,
                       "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                    "finish_reason": last.get("finish_reason", "stop")}],
@@ -216,7 +217,7 @@ class Router:
                       "tandem": {**meta, "format_valid": format_valid}}
         return JSONResponse(completion, headers=headers)
 
-    async def _shadow(self, payload: dict, record: dict) -> None:
+    async def _shadow(self, payload: dict, record: dict, sources: list[dict]) -> None:
         """The canary answers a copy of the request; the answer is logged, never returned."""
         started, text, last, status, message = time.perf_counter(), "", {}, "ok", None
         try:
@@ -228,7 +229,7 @@ class Router:
                 last = event if event.get("finish_reason") else last
         except Exception as e:  # a failing shadow must not touch the user's request
             status, message = "error", str(e)
-        self._log(record, started, text, last, status=status, error=message)
+        self._log(record, started, text, last, sources, status=status, error=message)
         self.shadows.discard(asyncio.current_task())
 
     async def _sse(self, events, model: str, sources: list, meta: dict, record: dict, started: float,
@@ -259,13 +260,16 @@ class Router:
             yield "data: [DONE]\n\n"
             status = "ok"
         finally:  # also when the client goes away mid-stream: what was generated is still logged
-            self._log(record, started, text, last, status=status, error=message)
+            self._log(record, started, text, last, sources, status=status, error=message)
 
-    def _log(self, record: dict, started: float, text: str, last: dict, status: str = "ok",
+    def _log(self, record: dict, started: float, text: str, last: dict, sources: list[dict], status: str = "ok",
              error: str | None = None) -> bool | None:
+        """Log one answer with what the rollout gates read: status, latency, format and, for a RAG answer, how much
+        of it the passages it cites support."""
         format_valid = parse_rag_answer(text) is not None if record["rag"] else None
+        grounded = served_grounding(text, [s["text"] for s in sources]) if record["rag"] else None
         record = {**record, "response": text, "finish_reason": last.get("finish_reason"), "status": status,
-                  "error": error, "format_valid": format_valid,
+                  "error": error, "format_valid": format_valid, "grounded": grounded,
                   "latency_ms": round((time.perf_counter() - started) * 1000, 1),
                   "prompt_tokens": last.get("prompt_tokens"), "completion_tokens": last.get("completion_tokens")}
         self.requests.append(record)

@@ -84,11 +84,30 @@ def score_answer(reply: Reply, references: list[str], gold_docs: list[str], pass
             out["citation_precision"] = sum(p["doc_id"] in gold_docs for p in cited) / len(reply.sources)
         if out["retrieved_gold"]:
             out["citation_recall"] = float(any(p["doc_id"] in gold_docs for p in cited))
-        words = content_words(reply.answer)
-        if words:
-            support = set(content_words(" ".join(p["text"] for p in cited)))
-            out["grounded"] = sum(w in support for w in words) / len(words)
+        if (grounded := grounded_share(reply.answer, [p["text"] for p in cited])) is not None:
+            out["grounded"] = grounded
     return out
+
+
+def grounded_share(answer: str, cited: list[str]) -> float | None:
+    """The share of the answer's content words found in the cited passages' text; None for an answer without any."""
+    words = content_words(answer)
+    if not words:
+        return None
+    support = set(content_words(" ".join(cited)))
+    return sum(w in support for w in words) / len(words)
+
+
+def served_grounding(text: str, passages: list[str]) -> float | None:
+    """Groundedness of a served RAG answer, computed without a judge or a reference: its content words found in the
+    passages it cites; 0 when it cites a passage that was never given or cites none. None where there is nothing to
+    check: an answer out of the format, or an abstention."""
+    reply = Reply.parse(text)
+    if not reply.valid or reply.abstained:
+        return None
+    if not reply.sources or any(not 1 <= i <= len(passages) for i in reply.sources):
+        return 0.0
+    return grounded_share(reply.answer, [passages[i - 1] for i in dict.fromkeys(reply.sources)])
 
 
 def mean(rows: list[dict], key: str) -> float | None:

@@ -105,7 +105,7 @@ class EvalConfig:
 class EvaluateConfig:
     qa: str = "${workdir}/data/wiki_qa"  # a QA set (jobs.prepare_data data.dataset=wiki_qa): qa.jsonl, corpus/
     split: str = "test"  # the QA set's split asked (split by document: no test fact is in train)
-    collection: str = "wiki_qa"  # where the QA set's corpus is indexed (incrementally)
+    collection: str = "wiki"  # where the QA set's corpus is indexed (incrementally): the assistant route's
     # base | base+rag | tuned | tuned+rag | NAME@VERSION[+rag]: each arm answers every question
     arms: list = field(default_factory=lambda: ["base", "base+rag", "tuned", "tuned+rag"])
     adapter: Optional[str] = None  # NAME@ALIAS|VERSION of the `tuned` arms
@@ -115,6 +115,8 @@ class EvaluateConfig:
     max_new_tokens: int = 64
     batch_size: int = 8  # questions per generate call
     bootstrap: int = 2000  # resamples for the paired confidence intervals
+    freshness: int = 0  # facts changed, re-indexed and asked again of every arm (tandem/freshness.py); 0: none
+    freshness_collection: str = "${evaluate.collection}_fresh"  # where the changed documents are indexed
     output: str = "${workdir}/evaluate/${evaluate.split}.json"
 
 
@@ -129,7 +131,7 @@ class SearchConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "wiki"  # wiki | wiki_beir | wiki_qa | python_faq | rag_json | grounded_qa
+    dataset: str = "wiki"  # wiki | wiki_beir | wiki_qa | python_faq | grounded_qa
     source: Optional[str] = None  # where the raw data lies; None: its packaged or Debian location
     out: str = "${workdir}/data/${data.dataset}"  # the directory written
     # grounded_qa: training rows drawn from the train split of evaluate.qa, with evaluate.k passages each
@@ -215,13 +217,17 @@ class RegistryConfig:
 @dataclass
 class ValidateConfig:
     adapter: Optional[str] = None  # NAME@ALIAS or NAME@VERSION in the registry
-    task: str = "rag_json"  # the eval split's metric: rag_json (JSON shape + answer overlap)
-    max_eval_rows: int = 32  # eval rows generated for the task scores
-    max_new_tokens: int = 96  # tokens generated per eval row
-    batch_size: int = 8  # rows per generate call
+    split: str = "test"  # the split of evaluate.qa asked: fixed and trusted, never the validated dataset's eval split
+    max_questions: int = 60  # test questions asked, spread over the question kinds
+    max_new_tokens: int = 64  # tokens generated per answer
+    batch_size: int = 8  # questions per generate call
+    bootstrap: int = 1000  # resamples for the intervals between base + RAG and tuned + RAG
     retention_docs: int = 40  # held-out Wikipedia summaries for perplexity
     max_ppl_ratio: float = 1.10  # tuned / base perplexity on general text
-    min_task_valid: float = 0.95  # share of outputs in the task's format needed to pass
+    min_valid: float = 0.95  # tuned + RAG: share of answers in the {"answer", "sources"} shape
+    min_contains: float = 0.5  # tuned + RAG: share of answerable questions whose answer contains the reference
+    min_citation_precision: float = 0.75  # tuned + RAG: share of cited passages that are the gold document
+    min_abstained: float = 0.5  # tuned + RAG: share of unanswerable questions answered with an abstention
     report: str = "${workdir}/validation/${validate.adapter}.json"  # the report (JSON)
 
 
@@ -297,6 +303,9 @@ class RolloutGates:
     max_latency_p95_ratio: float = 2.0  # canary p95 over production p95
     max_negative_feedback_rate: float = 0.25  # canary thumbs-down above it roll back
     min_format_valid: Optional[float] = None  # share of answers in the trained output format; null: not gated
+    # mean share of a RAG answer's words found in the passages it cites (0 when it cites none that were given);
+    # abstentions and answers out of format are not counted; null: not gated
+    min_grounded: Optional[float] = None
 
 
 @dataclass

@@ -4,8 +4,8 @@
   imported) -> `wiki.jsonl`, the demo corpus.
 - `wiki_beir`: the same summaries as a BEIR set whose queries are the Wikidata short descriptions ("1968 film by
   Stanley Kubrick"), kept where a description names exactly one article; the description is not indexed.
-- `rag_json`: the demo behaviour task: questions about one summary, answered from three numbered passages (the
-  right one and two others) as strict JSON `{"answer", "sources"}` (tandem/prompts.py).
+- `wiki_qa`: a QA set over the same summaries, split by document, with unanswerable questions; the demo's behaviour
+  task (`grounded_qa`, tandem/qa.py) and its evaluation are drawn from it.
 - `python_faq`: Debian's `python3.11-doc` FAQ (`html/_sources/faq/*.rst.txt`): each question heading is a query, the
   answer under it is its one relevant document.
 """
@@ -109,30 +109,6 @@ def python_faq(out: Path, source: str | None = None) -> dict:
         queries.append({"_id": qid, "text": question})
         qrels.append((qid, doc_id))
     return write_beir(out, corpus, queries, qrels)
-
-
-def _lead(text: str, sentences: int) -> str:
-    parts = re.split(r"(?<=[.!?])\s+", text.strip())
-    return " ".join(parts[:sentences])
-
-
-def rag_json(out: Path, source: str | None = None, rows: int = 600, seed: int = 0) -> dict:
-    from tandem.prompts import rag_answer, rag_messages
-
-    items = [v for _, v in _wiki_items(source) if v.get("title")]
-    rng = random.Random(seed)
-    picked = rng.sample(items, min(rows, len(items)))
-    lines = []
-    for item in picked:
-        others = rng.sample([v for v in rng.sample(items, 8) if v is not item], 2)
-        passages = [_lead(v["extract"], 2) for v in others]
-        slot = rng.randrange(3)
-        passages.insert(slot, _lead(item["extract"], 2))
-        question = f"What is {item['title']}?"
-        messages = rag_messages(question, passages) + [
-            {"role": "assistant", "content": rag_answer(_lead(item["extract"], 1), [slot + 1])}]
-        lines.append({"messages": messages})
-    return {"rows": write_jsonl(out / "rag_json.jsonl", lines)}
 
 
 # Question kinds built from Wikidata descriptions; each has several phrasings, so a model is not scored on one template.
@@ -241,4 +217,4 @@ def wiki_qa(out: Path, source: str | None = None, phrasings: int = 2, held_out: 
     return stats | {f"{split}/{kind}": n for (split, kind), n in sorted(by_kind.items())}
 
 
-BUILDERS = {"wiki": wiki, "wiki_beir": wiki_beir, "wiki_qa": wiki_qa, "python_faq": python_faq, "rag_json": rag_json}
+BUILDERS = {"wiki": wiki, "wiki_beir": wiki_beir, "wiki_qa": wiki_qa, "python_faq": python_faq}

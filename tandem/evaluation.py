@@ -1,5 +1,5 @@
 """Evaluation: retrieval on BEIR-format data (recall@k, MRR@10, nDCG@10 at document level), and model checks
-(perplexity on general text for retention, the demo task's JSON-shape and answer-overlap scores)."""
+(perplexity on general text, for retention)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import json
 import math
 from pathlib import Path
 
-from tandem.answers import token_f1
 from tandem.errors import ConfigError
 
 
@@ -50,24 +49,6 @@ def retrieval_metrics(ranked: dict[str, list[str]], qrels: dict[str, dict[str, i
         totals["ndcg@10"] += dcg / ideal if ideal else 0.0
     n = max(len(qrels), 1)
     return {k: round(v / n, 4) for k, v in totals.items()}
-
-
-def rag_json_scores(outputs: list[str], references: list[str]) -> dict:
-    """Share of outputs in the exact `{"answer", "sources"}` shape, answer overlap, and source accuracy."""
-    from tandem.prompts import parse_rag_answer
-
-    valid = f1 = sources = 0.0
-    for out, ref in zip(outputs, references):
-        got, want = parse_rag_answer(out), parse_rag_answer(ref)
-        if got is None:
-            continue
-        valid += 1
-        if want is None:  # a reference outside the task's shape: only validity can be scored
-            continue
-        f1 += token_f1(got["answer"], want["answer"])
-        sources += float(got["sources"] == want["sources"])
-    n = max(len(outputs), 1)
-    return {"valid": round(valid / n, 4), "answer_f1": round(f1 / n, 4), "sources_exact": round(sources / n, 4)}
 
 
 def perplexity(model, tokenizer, texts: list[str], max_length: int = 256) -> float:

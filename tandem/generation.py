@@ -1,6 +1,6 @@
 """Batched generation with a (PEFT) causal LM: left-padded batches, prompt tokens stripped from the output.
 
-`generate_chat` is the offline form (validation, evaluation); `start_stream` streams a batch token by token, each
+`generate_replies` is the offline form (validation, evaluation); `start_stream` streams a batch token by token, each
 row with its own adapter and limits, for serving.
 """
 
@@ -50,11 +50,6 @@ def generate_replies(model, tokenizer, conversations: list[list[dict]], max_new_
             completion = int(ended[0]) + 1 if len(ended) else len(row)
             outputs.append(Generated(text.strip(), prompt_len, completion, round(latency, 1)))
     return outputs
-
-
-def generate_chat(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 96,
-                  batch_size: int = 8) -> list[str]:
-    return [g.text for g in generate_replies(model, tokenizer, conversations, max_new_tokens, batch_size)]
 
 
 @dataclass

@@ -52,19 +52,20 @@ def one_per_fact(questions: list[dict], seed: int = 0) -> list[dict]:
     return [rng.choice(v) for v in facts.values()]
 
 
-def passages_for(cfg, root: str | Path, questions: list[dict], collection: str, k: int, mode: str) -> list[list[dict]]:
-    """The passages each question gets from the app's retriever, over the QA set's corpus indexed (incrementally)
-    into `collection`; each {doc_id, title, text}."""
+def passages_for(cfg, corpora: list[Path], questions: list[dict], collection: str, k: int,
+                 mode: str) -> list[list[dict]]:
+    """The passages each question gets from the app's retriever, once `corpora` are indexed (incrementally, in
+    order: a later one's documents replace an earlier one's) into `collection`; each {doc_id, title, text}."""
     from tandem.embedding import Embedder
     from tandem.indexing import run_index
     from tandem.milvus import connect, milvus_endpoint
     from tandem.retrieval import Retriever
     from tandem.runtime import ray_session
 
-    index_cfg = OmegaConf.merge(cfg, {"corpus": {"path": str(Path(root) / "corpus")},
-                                      "store": {"collection": collection}})
     with ray_session(cfg.ray), milvus_endpoint(cfg.store.uri) as uri:
-        run_index(index_cfg, uri)
+        for corpus in corpora:
+            run_index(OmegaConf.merge(cfg, {"corpus": {"path": str(corpus)}, "store": {"collection": collection}}),
+                      uri)
         client = connect(uri)
         try:
             retriever = Retriever.from_config(client, collection, Embedder.from_config(cfg.embedder).encode, cfg)
@@ -104,7 +105,7 @@ def build_grounded(cfg, out: Path) -> dict:
 
     e = cfg.evaluate
     questions = pick(one_per_fact(load_qa(e.qa, "train")), cfg.data.rows)
-    rows = grounded_rows(questions, passages_for(cfg, e.qa, questions, e.collection, e.k, e.mode))
+    rows = grounded_rows(questions, passages_for(cfg, [Path(e.qa) / "corpus"], questions, e.collection, e.k, e.mode))
     kinds = sorted({r["kind"] for r in rows})
     return {"rows": write_jsonl(out, rows), "abstain": sum(r["abstain"] for r in rows),
             **{kind: sum(r["kind"] == kind for r in rows) for kind in kinds}}

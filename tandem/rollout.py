@@ -3,9 +3,9 @@
 The registry is the source of truth that every router reads: the `production` and `canary` aliases name the
 versions, the registered model's `canary_weight` tag the share of users, and its `rollout` tag (JSON) the schedule
 and where it stands, so a restarted controller continues where it was. The gates follow Flagger and Argo Rollouts:
-per variant over the current step's traffic (error rate, p95 latency against production, negative feedback, and the
-output format the adapter was trained for); failing -> rollback to 0% with production untouched, too little data ->
-hold, healthy -> next step, healthy at 100% -> promote.
+per variant over the current step's traffic (error rate, p95 latency against production, negative feedback, the
+output format the adapter was trained for, and how well the passages it cites support its answers); failing ->
+rollback to 0% with production untouched, too little data -> hold, healthy -> next step, healthy at 100% -> promote.
 """
 
 from __future__ import annotations
@@ -92,21 +92,23 @@ def _finish(registry, adapter: str, state: str, reason: str) -> None:
 
 
 def variant_metrics(requests: list[dict], feedback: list[dict], route: str, since: float) -> dict[str, dict]:
-    """Per variant over a route's requests since `since`: count, error rate, p95 latency, negative feedback and
-    format validity (where the route has a format). `base` is the reference of a first adapter's canary, which runs
-    beside the base model because there is no production version yet."""
+    """Per variant over a route's requests since `since`: count, error rate, p95 latency, negative feedback, and
+    format validity and groundedness where the route retrieves. `base` is the reference of a first adapter's canary,
+    which runs beside the base model because there is no production version yet."""
     negative = {f["request_id"] for f in feedback if f.get("rating", 0) < 0}
     out: dict[str, dict] = {}
     for variant in ("production", "base", "canary", "shadow"):
         rows = [r for r in requests if r["route"] == route and r["variant"] == variant and r["time"] >= since]
         latencies = [r["latency_ms"] for r in rows if r["status"] == "ok"]
         formats = [r["format_valid"] for r in rows if r["status"] == "ok" and r.get("format_valid") is not None]
+        grounded = [r["grounded"] for r in rows if r["status"] == "ok" and r.get("grounded") is not None]
         out[variant] = {
             "requests": len(rows),
             "error_rate": sum(r["status"] == "error" for r in rows) / len(rows) if rows else 0.0,
             "latency_p95_ms": percentile(latencies, 0.95),
             "negative_feedback_rate": sum(r["request_id"] in negative for r in rows) / len(rows) if rows else 0.0,
             "format_valid": sum(formats) / len(formats) if formats else None,
+            "grounded": sum(grounded) / len(grounded) if grounded else None,
         }
     return out
 
@@ -125,6 +127,9 @@ def gate_failures(canary: dict, production: dict, gates) -> list[str]:
     if gates.min_format_valid is not None and canary["format_valid"] is not None and \
             canary["format_valid"] < gates.min_format_valid:
         failures.append(f"valid output format {canary['format_valid']:.1%} < {gates.min_format_valid:.1%}")
+    if gates.min_grounded is not None and canary["grounded"] is not None and canary["grounded"] < gates.min_grounded:
+        failures.append(f"grounded answers {canary['grounded']:.1%} < {gates.min_grounded:.1%} (answer words found "
+                        "in the passages they cite)")
     return failures
 
 

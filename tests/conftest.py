@@ -59,6 +59,21 @@ def wiki_rows() -> list[dict]:
 
 
 @pytest.fixture(scope="session")
+def small_qa(wiki_rows, tmp_path_factory) -> Path:
+    """A QA set (tandem.datasets.wiki_qa) over the 400 summaries, 10% of them held out as unanswerable."""
+    from tandem.datasets import wiki_qa, wiki_source
+
+    described = {k: v.get("description", "") for k, v in json.loads(wiki_source().read_text()).items()
+                 if isinstance(v, dict)}
+    root = tmp_path_factory.mktemp("qa")
+    source = root / "summaries.json"
+    source.write_text(json.dumps({r["id"]: {"title": r["title"], "extract": r["text"], "topic": r["topic"],
+                                            "description": described[r["id"]]} for r in wiki_rows}))
+    wiki_qa(root / "qa", str(source), held_out=0.1)
+    return root / "qa"
+
+
+@pytest.fixture(scope="session")
 def wiki_index(ray_cluster, milvus_server, tmp_path_factory, wiki_rows) -> dict:
     """120 articles indexed by the real job into the `wiki` collection of the shared server."""
     from jobs.index import main as index_main

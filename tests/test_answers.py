@@ -61,23 +61,23 @@ def test_wiki_qa_is_split_by_document_with_unanswerable_questions(tmp_path):
     assert len(kubrick) >= 6 and "Who directed 2001: A Space Odyssey?" in kubrick  # 3 kinds x 2 phrasings
 
 
-def test_decision_matrix_on_held_out_questions(ray_cluster, milvus_server, serve_cfg, wiki_rows, tmp_path):
+def test_decision_matrix_on_held_out_questions_and_fresh_facts(ray_cluster, milvus_server, serve_cfg, small_qa,
+                                                              tmp_path):
     """jobs.evaluate end to end on a small QA set: each arm answers the same test-split questions through the
-    serving prompt and retriever; the report has every metric, intervals, a verdict and an MLflow run."""
+    serving prompt and retriever; the report has every metric, intervals, a verdict and an MLflow run. With
+    evaluate.freshness, changed facts are re-indexed into a collection of their own and asked again."""
+    from pymilvus import MilvusClient
+
     from jobs.evaluate import main as evaluate_main
     from jobs.report import main as report_main
     from tandem.registry import Registry
 
-    source = tmp_path / "summaries.json"
-    picked = {r["id"]: {"title": r["title"], "extract": r["text"], "topic": r["topic"],
-                        "description": wiki_row_descriptions()[r["id"]]} for r in wiki_rows}
-    source.write_text(json.dumps(picked))
-    wiki_qa(tmp_path / "qa", str(source), held_out=0.1)
     out = tmp_path / "report.json"
-    report = evaluate_main([f"evaluate.qa={tmp_path / 'qa'}", f"store.uri={milvus_server}", "adapter=demo@1",
+    report = evaluate_main([f"evaluate.qa={small_qa}", f"store.uri={milvus_server}", "adapter=demo@1",
                             "evaluate.collection=qa_small", "evaluate.max_questions=8", "evaluate.max_new_tokens=16",
                             "evaluate.arms=[base,base+rag,tuned+rag]", "evaluate.bootstrap=200",
-                            f"evaluate.output={out}", "embedder.num_cpus=0.5"])  # fits beside a running app
+                            "evaluate.freshness=3", f"evaluate.output={out}",
+                            "embedder.num_cpus=0.5"])  # fits beside a running app
     assert report["questions"] == 8 and set(report["arms"]) == {"base", "base+rag", "tuned+rag"}
     rag = report["arms"]["base+rag"]["all"]
     assert rag["retrieved_gold"]["mean"] >= 0.5  # whole questions find their article
@@ -92,12 +92,26 @@ def test_decision_matrix_on_held_out_questions(ray_cluster, milvus_server, serve
     runs = Registry.from_config(serve_cfg).client.search_runs(
         [Registry.from_config(serve_cfg).experiment_id], "tags.kind = 'evaluation'")
     assert runs and "base_rag.contains" in runs[0].data.metrics
-    # route `assistant` (conf/serve.yaml) names adapter rag_json, never registered here: RAG first, no traceback
+    assert "freshness.base_rag.new" in runs[0].data.metrics
+
+    # freshness: "Who wrote Dracula?" now has another author in its (re-indexed) article
+    fresh = report["freshness"]
+    assert fresh["questions"] == 3 and fresh["retrieved_new"] >= 2 / 3, fresh
+    assert fresh["arms"]["base"]["new"] == 0, fresh  # without retrieval, a fact changed today cannot be known
+    assert all(0 <= s[k] <= 1 for s in fresh["arms"].values() for k in ("new", "old"))
+    assert all(set(c["replies"]) == {"base", "base+rag", "tuned+rag"} for c in fresh["changes"])
+    users = MilvusClient(uri=milvus_server)
+    try:  # the collection users query keeps the real facts
+        change = fresh["changes"][0]
+        stored = users.query("qa_small", filter=f'doc_id == "{change["doc_id"]}"', output_fields=["text"])
+        changed = users.query("qa_small_fresh", filter=f'doc_id == "{change["doc_id"]}"', output_fields=["text"])
+    finally:
+        users.close()
+    assert change["old"][0] in " ".join(r["text"] for r in stored)
+    assert change["new"] in " ".join(r["text"] for r in changed)
+
+    # route `assistant` (conf/serve.yaml) names adapter grounded_qa, never registered here: RAG first, no traceback
     page = report_main(["route=assistant", f"report.evaluate={out}", f"report.output={tmp_path / 'report.html'}"])
     text = page.read_text()
     assert "Answer quality" in text and report["verdict"][0] in text and "does not exist yet" in text
-
-
-def wiki_row_descriptions() -> dict[str, str]:
-    return {k: v.get("description", "") for k, v in json.loads(wiki_source().read_text()).items()
-            if isinstance(v, dict)}
+    assert "3 facts changed and re-indexed" in text

@@ -98,18 +98,26 @@ def test_qlora_deepspeed_two_workers_resumes_after_a_worker_is_killed(killed_and
     assert wandb_runs and any(f.suffix == ".wandb" for d in wandb_runs for f in d.iterdir())
 
 
-def test_validation_gates_record_why_an_adapter_fails(killed_and_resumed, tmp_path):
-    """The tiny adapter learned prose answers, not the JSON task: validation must fail it and say why."""
+def test_validation_gates_record_why_an_adapter_fails(killed_and_resumed, milvus_server, small_qa, tmp_path):
+    """The tiny adapter learned prose answers, not grounded JSON ones: asked the fixed test split's questions with
+    passages, it must fail validation, and the reasons must say which floor it missed."""
     from jobs.validate import main as validate_main
 
     ref = f"tiny@{killed_and_resumed['registry']['version']}"
-    report = validate_main([f"adapter={ref}", "validate.retention_docs=8", "validate.max_new_tokens=48",
+    report = validate_main([f"adapter={ref}", "validate.retention_docs=8", "validate.max_new_tokens=24",
+                            "validate.max_questions=4", f"evaluate.qa={small_qa}", "evaluate.collection=qa_small",
+                            f"store.uri={milvus_server}", "embedder.num_cpus=0.5",
                             f"validate.report={tmp_path / 'report.json'}"])
-    assert not report["passed"] and any(r.startswith("task:") for r in report["reasons"])
+    assert not report["passed"] and any(r.startswith("answers: format validity") for r in report["reasons"])
     retention = report["retention"]
     assert retention["docs"] == 8 and retention["base"] > 1 and retention["ratio"] == pytest.approx(
         retention["tuned"] / retention["base"], rel=1e-3)
-    assert report["task"]["rows"] >= 1 and 0 <= report["task"]["tuned"]["valid"] < 0.95
+    assert report["qa"]["split"] == "test" and report["qa"]["questions"] == 4
+    assert set(report["answers"]) == {"base+rag", "tuned+rag"} and report["answers"]["tuned+rag"]["valid"] < 0.95
+    asked = {r["id"] for r in report["examples"]}
+    test_ids = {json.loads(line)["id"] for line in (small_qa / "qa.jsonl").read_text().splitlines()
+                if json.loads(line)["split"] == "test"}
+    assert asked <= test_ids  # never the eval split of the dataset the adapter was trained on
     q = report["quantization_mb"]
     assert q["fp32"] > q["bf16"] > q["nf4"] and q["bf16"] > q["int8"]
     registry = Registry.from_config(load_config("registry"))

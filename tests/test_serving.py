@@ -188,6 +188,8 @@ def test_requests_are_logged(serve_cfg):
     assert r["variant"] in ("production", "canary", "pinned") and r["adapter"].startswith("demo@")
     assert r["user_hash"] and r["user_hash"] != "alice" and r["completion_tokens"] > 0
     assert r["format_valid"] in (True, False) and r["messages"][-1]["content"].startswith("Context:")
+    assert all(x["grounded"] is None or 0 <= x["grounded"] <= 1 for x in rag)
+    assert all(x["grounded"] is None for x in rag if not x["format_valid"])
 
 
 def test_feedback_job_turns_rated_traffic_into_a_dataset_version(http, serve_cfg):
@@ -221,7 +223,7 @@ def test_feedback_job_turns_rated_traffic_into_a_dataset_version(http, serve_cfg
     assert all(r["messages"][1]["content"].startswith("Context:\n[1] ") for r in rows)
 
 
-def test_pipeline_trains_and_validates_from_traffic_and_stops_at_a_failed_gate(serve_cfg):
+def test_pipeline_trains_and_validates_from_traffic_and_stops_at_a_failed_gate(serve_cfg, small_qa):
     """feedback -> finetune -> validate on the live app's logs; the adapter is no better than the base, so no
     canary starts (a passing run is `make demo`'s path)."""
     from jobs.pipeline import main as pipeline
@@ -232,8 +234,10 @@ def test_pipeline_trains_and_validates_from_traffic_and_stops_at_a_failed_gate(s
                       "dataset.max_reject_fraction=0.5", "dataset.eval_fraction=0.5",
                       "feedback.name=assistant-pipeline", "train.max_steps=2",
                       "train.num_workers=1", "train.cpus_per_worker=0.5", "train.batch_size=1",
-                      "train.max_length=256", "train.checkpoint_every=2", "validate.max_eval_rows=2",
-                      "validate.retention_docs=2", "validate.max_new_tokens=16"])
+                      "train.max_length=256", "train.checkpoint_every=2", "validate.max_questions=2",
+                      "validate.retention_docs=2", "validate.max_new_tokens=16", f"evaluate.qa={small_qa}",
+                      "evaluate.collection=qa_small", f"store.uri={serve_cfg.store.uri}",
+                      "embedder.num_cpus=0.5"])
     assert steps["dataset"].startswith("assistant-pipeline@") and steps["adapter"] == "demo@4"
     assert not steps["validated"] and steps["reasons"] and "canary" not in steps
     assert Registry.from_config(serve_cfg).aliases("demo") == {**before, "candidate": "4"}
@@ -272,7 +276,7 @@ def test_bad_chat_requests_get_openai_errors(http, body, status, param):
 
 
 def test_bad_bodies_and_retrievals_are_400(http, client):
-    r = http.post("/v1/chat/completions", content=b'{"model": "chat", "messages": [', 
+    r = http.post("/v1/chat/completions", content=b'{"model": "chat", "messages": [',
                   headers={"content-type": "application/json"})
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     r = http.post("/v1/retrieve", json={"query": "x", "collection": "missing"})

@@ -85,34 +85,46 @@ def test_retrieval_metrics():
     assert m["mrr@10"] == pytest.approx((1 + 1 / 3) / 2, abs=1e-4)
 
 
-def test_rag_json_rows_teach_the_serving_prompt_shape(tmp_path):
-    from tandem.datasets import rag_json
+def test_grounded_rows_cite_the_passage_that_states_the_answer_or_abstain():
     from tandem.prompts import SYSTEM, parse_rag_answer
+    from tandem.qa import grounded_rows
 
-    assert rag_json(tmp_path, rows=20) == {"rows": 20}
-    rows = [json.loads(line) for line in (tmp_path / "rag_json.jsonl").read_text().splitlines()]
-    for row in rows:
-        system, user, answer = row["messages"]
-        assert system["content"] == SYSTEM and user["content"].startswith("Context:\n[1] ")
-        parsed = parse_rag_answer(answer["content"])
-        slot = parsed["sources"][0]
-        passage = user["content"].split(f"[{slot}] ")[1].split("\n")[0]
-        assert passage.startswith(parsed["answer"])  # the cited passage holds the answer
+    question = {"id": "q1", "kind": "person", "question": "Who wrote Dracula?", "answers": ["Bram Stoker"],
+                "gold_docs": ["Dracula"]}
+    stoker = {"doc_id": "Dracula", "text": "Dracula is an 1897 Gothic horror novel by Irish author Bram Stoker."}
+    other = {"doc_id": "Carmilla", "text": "Carmilla is an 1872 Gothic novella by Sheridan Le Fanu."}
+    unstated = {"doc_id": "Dracula", "text": "Dracula is an 1897 Gothic horror novel."}
+    rows = grounded_rows([question] * 3, [[other, stoker], [other], [unstated, other]])
+    system, user, answer = rows[0]["messages"]
+    assert system["content"] == SYSTEM and user["content"].startswith("Context:\n[1] Carmilla")
+    assert parse_rag_answer(answer["content"]) == {"answer": "Bram Stoker", "sources": [2]}
+    # no retrieved passage states the answer (even the gold one, here): the right reply abstains
+    for row in rows[1:]:
+        assert parse_rag_answer(row["messages"][-1]["content"]) == {"answer": "", "sources": []} and row["abstain"]
     assert parse_rag_answer('{"answer": "x", "sources": [1, true]}') is None
     assert parse_rag_answer('{"answer": "x", "sources": [2], "extra": 1}') is None
     assert parse_rag_answer("Paris.") is None
 
 
-def test_task_scores_and_token_f1():
-    from tandem.answers import token_f1
-    from tandem.evaluation import rag_json_scores
+def test_served_answers_are_checked_against_the_passages_they_cite():
+    from tandem.answers import served_grounding
 
-    ref = '{"answer": "Paris is the capital of France.", "sources": [2]}'
-    outs = [ref, '{"answer": "Paris is the capital.", "sources": [1]}', "Paris.", '{"answer": 1, "sources": []}']
-    scores = rag_json_scores(outs, [ref] * 4)
-    assert scores["valid"] == 0.5 and scores["sources_exact"] == 0.25
+    passages = ["Dracula is an 1897 Gothic horror novel by Bram Stoker.", "Carmilla is an 1872 novella."]
+    assert served_grounding('{"answer": "Bram Stoker", "sources": [1]}', passages) == 1.0
+    assert served_grounding('{"answer": "Bram Stoker", "sources": [2]}', passages) == 0.0  # the wrong passage
+    assert served_grounding('{"answer": "Bram Stoker", "sources": [3]}', passages) == 0.0  # never given
+    assert served_grounding('{"answer": "Bram Stoker", "sources": []}', passages) == 0.0  # cites nothing
+    # stoker, wrote, dublin: only the name is in the passage
+    assert served_grounding('{"answer": "Stoker wrote it in Dublin", "sources": [1]}', passages) == pytest.approx(1 / 3)
+    assert served_grounding('{"answer": "", "sources": []}', passages) is None  # an abstention
+    assert served_grounding("Bram Stoker.", passages) is None  # out of format: the format gate's business
+
+
+def test_token_f1():
+    from tandem.answers import token_f1
+
     partial = token_f1("Paris is the capital.", "Paris is the capital of France.")
-    assert 0 < partial < 1 and scores["answer_f1"] == pytest.approx((1 + partial) / 4, abs=1e-4)
+    assert 0 < partial < 1 and partial == pytest.approx(2 * 1 * (3 / 5) / (1 + 3 / 5), abs=1e-4)
     assert token_f1("a b", "c d") == 0.0 and token_f1("a b", "a b") == 1.0
 
 
@@ -127,12 +139,12 @@ def test_rollout_decisions():
     from tandem.rollout import ADVANCE, HOLD, PROMOTE, ROLLBACK, Rollout, decide, variant_metrics
 
     gates = SimpleNamespace(max_error_rate=0.05, max_latency_p95_ratio=2.0, max_negative_feedback_rate=0.25,
-                            min_format_valid=0.9)
+                            min_format_valid=0.9, min_grounded=0.6)
     cfg = SimpleNamespace(min_requests=4, min_seconds=10, gates=gates)
 
-    def rec(i, variant, status="ok", latency=100.0, valid=True):
+    def rec(i, variant, status="ok", latency=100.0, valid=True, grounded=1.0):
         return {"request_id": f"r{variant}{i}", "route": "a", "variant": variant, "status": status, "time": 100 + i,
-                "latency_ms": latency, "format_valid": valid}
+                "latency_ms": latency, "format_valid": valid, "grounded": grounded}
 
     production = [rec(i, "production") for i in range(10)]
     rollout = Rollout("ad", "2", [0.5, 1.0], step_started=100)
@@ -145,7 +157,8 @@ def test_rollout_decisions():
     assert decide(rollout, variant_metrics(healthy, [], "a", 100), cfg, now=200)[0] == PROMOTE
     for bad, why in [([rec(i, "canary", status="error") for i in range(5)], "error rate"),
                      ([rec(i, "canary", latency=900) for i in range(5)], "p95 latency"),
-                     ([rec(i, "canary", valid=False) for i in range(5)], "valid output format")]:
+                     ([rec(i, "canary", valid=False) for i in range(5)], "valid output format"),
+                     ([rec(i, "canary", grounded=0.2) for i in range(5)], "grounded answers")]:
         action, reasons = decide(rollout, variant_metrics(production + bad, [], "a", 100), cfg, now=200)
         assert action == ROLLBACK and why in reasons[0]
     feedback = [{"request_id": f"rcanary{i}", "rating": -1} for i in range(2)]

@@ -1,0 +1,135 @@
+"""The decision matrix's arms: one base model, with or without an adapter, with or without the retriever's passages,
+answering the same questions through the prompt, retriever and generation code the app serves with.
+
+Shared by `jobs.evaluate` (every arm, the full report) and `jobs.validate` (base + RAG against tuned + RAG on a fixed
+test split, the gate an adapter passes before it may serve).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from tandem.answers import Reply, comparisons, score_answer, summarize, verdict
+from tandem.errors import ConfigError
+from tandem.generation import Generated, generate_replies
+from tandem.prompts import rag_messages
+from tandem.qa import load_qa, passages_for, pick
+
+
+def parse_arm(arm: str, tuned: str | None) -> tuple[str | None, bool]:
+    """`tuned+rag` -> (the tuned adapter's ref, True); `base` -> (None, False); `name@3+rag` -> ("name@3", True)."""
+    model, rag = arm.removesuffix("+rag"), arm.endswith("+rag")
+    if model == "base":
+        return None, rag
+    if model == "tuned":
+        if not tuned:
+            raise ConfigError(f"arm {arm!r} needs evaluate.adapter=NAME@ALIAS|VERSION (adapter=... for short)")
+        return tuned, rag
+    if "@" not in model:
+        raise ConfigError(f"arm {arm!r}: expected base, tuned or NAME@VERSION, each optionally +rag")
+    return model, rag
+
+
+class Models:
+    """One base model and the registry's adapters loaded beside it on demand, so every arm shares the weights."""
+
+    def __init__(self, cfg):
+        from tandem.models import load_for_inference, load_tokenizer, prepare_base
+
+        self.cfg = cfg
+        self.base = prepare_base(cfg.model.path, cfg.model.cache_dir, cfg.model.dtype)
+        self.tokenizer = load_tokenizer(self.base)
+        self.model = load_for_inference(self.base.path)
+        self._registry = None
+
+    @contextlib.contextmanager
+    def use(self, ref: str | None):
+        """The model as the adapter `ref` (checked against the base's checksum), or as the base alone for None."""
+        from peft import PeftModel
+
+        from tandem.adapters import verify_adapter
+        from tandem.registry import Registry
+
+        if ref is None:
+            isolated = isinstance(self.model, PeftModel)
+            with self.model.disable_adapter() if isolated else contextlib.nullcontext():
+                yield self.model
+            return
+        if self._registry is None:
+            self._registry = Registry.from_config(self.cfg)
+        if not isinstance(self.model, PeftModel) or ref not in self.model.peft_config:
+            path = self._registry.download(ref)
+            verify_adapter(path, self.base.sha256)
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(str(path), adapter_name=ref)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=ref).eval()
+        self.model.set_adapter(ref)
+        yield self.model
+
+    def answer(self, ref: str | None, prompts: list[list[dict]], max_new_tokens: int,
+               batch_size: int) -> list[Generated]:
+        with self.use(ref) as model:
+            return generate_replies(model, self.tokenizer, prompts, max_new_tokens, batch_size)
+
+
+@dataclass
+class Matrix:
+    """Every arm's answers to the same questions, scored, with the report `jobs.evaluate` prints and writes."""
+    questions: list[dict]
+    passages: list[list[dict]]
+    rag: dict[str, bool]
+    generated: dict[str, list[Generated]]
+    scores: dict[str, list[dict]]
+    report: dict
+    models: Models  # loaded, for more questions to the same arms
+
+    def answer_rows(self) -> list[dict]:
+        """Every answer beside its question, the passages it saw and its scores."""
+        return [{"arm": arm, "id": q["id"], "kind": q["kind"], "question": q["question"], "references": q["answers"],
+                 "passages": [p["doc_id"] for p in ps] if self.rag[arm] else [], "reply": g.text, "scores": s,
+                 "latency_ms": g.latency_ms, "completion_tokens": g.completion_tokens}
+                for arm in self.generated
+                for q, ps, g, s in zip(self.questions, self.passages, self.generated[arm], self.scores[arm])]
+
+
+def ask(models: Models, cfg, arm: str, questions: list[dict], passages: list[list[dict]]) -> list[Generated]:
+    """One arm's answers; an arm without RAG gets the same instructions and no passages."""
+    ref, rag = parse_arm(arm, cfg.evaluate.adapter)
+    prompts = [rag_messages(q["question"], [p["text"] for p in ps] if rag else [])
+               for q, ps in zip(questions, passages)]
+    return models.answer(ref, prompts, cfg.evaluate.max_new_tokens, cfg.evaluate.batch_size)
+
+
+def summary(scores: list[dict], generated: list[Generated], questions: list[dict], kinds: list[str]) -> dict:
+    """One arm: its metrics over all questions and per kind, and its mean latency and tokens."""
+    by_kind = {k: summarize([s for s, q in zip(scores, questions) if q["kind"] == k]) for k in kinds}
+    return {"all": summarize(scores), "by_kind": by_kind,
+            **{key: round(sum(getattr(g, key) for g in generated) / len(generated), 1)
+               for key in ("latency_ms", "prompt_tokens", "completion_tokens")}}
+
+
+def run_matrix(cfg, arms: list[str], models: Models | None = None) -> Matrix:
+    """Each arm answers `evaluate.max_questions` questions of `evaluate.split` in `evaluate.qa`, scored per arm,
+    compared pairwise with bootstrap intervals and summed up in a verdict. A bad arm fails before anything loads."""
+    e = cfg.evaluate
+    rag = {arm: parse_arm(arm, e.adapter)[1] for arm in arms}
+    questions = pick(load_qa(e.qa, e.split), e.max_questions)
+    if not questions:
+        raise ConfigError(f"{e.qa} has no questions in split {e.split!r}")
+    passages = passages_for(cfg, [Path(e.qa) / "corpus"], questions, e.collection, e.k, e.mode) \
+        if any(rag.values()) else [[] for _ in questions]
+    models = models or Models(cfg)
+    generated = {arm: ask(models, cfg, arm, questions, passages) for arm in arms}
+    scores = {arm: [score_answer(Reply.parse(g.text), q["answers"], q["gold_docs"], ps if rag[arm] else [])
+                    for q, ps, g in zip(questions, passages, gs)] for arm, gs in generated.items()}
+    kinds = sorted({q["kind"] for q in questions})
+    summaries = {arm: summary(scores[arm], generated[arm], questions, kinds) for arm in arms}
+    compared = comparisons(scores, e.bootstrap)
+    report = {"qa": str(e.qa), "split": e.split, "adapter": e.adapter, "questions": len(questions),
+              "kinds": {k: sum(q["kind"] == k for q in questions) for k in kinds}, "k": e.k, "mode": e.mode,
+              "arms": summaries, "comparisons": compared,
+              "verdict": verdict({a: s["all"] for a, s in summaries.items()}, compared)}
+    return Matrix(questions, passages, rag, generated, scores, report, models)

@@ -3,9 +3,11 @@
     python -m jobs.feedback route=assistant [since=2026-11-01] [name=assistant-feedback]
 
 - An answer rated good (rating 1) becomes a row: the prompt exactly as it was served (for a RAG route: the system
-  prompt, the numbered retrieved context and the question) and the answer.
+  prompt, the numbered retrieved context and the question) and the answer. Assistant turns in the prompt came from
+  the client, not from the app, so they get weight 0: context, never a training target.
 - A corrected answer (any rating) becomes a row with the correction in place of the answer.
-- Answers rated bad without a correction, unrated, failed and shadow answers are left out, and counted.
+- Answers rated bad without a correction, unrated, failed and shadow answers are left out, and counted; so are log
+  lines that are torn or undecodable (a writer killed mid-record), each reported with its file and line.
 The rows then go through the same validation and store as any training data (`tandem.data.ingest`): duplicates and
 bad rows are rejected with their reason and request id; the version's manifest maps every row to its request id.
 """
@@ -20,7 +22,7 @@ from pathlib import Path
 from tandem.commandline import Job, run
 from tandem.config import require
 from tandem.data.ingest import ingest
-from tandem.requestlog import read_log
+from tandem.requestlog import Skipped, read_log
 
 JOB = Job("feedback", __doc__, ("feedback", "serve.request_log", "serve.feedback_log", "dataset", "model"),
           shorthands={"route": "feedback.route", "since": "feedback.since", "name": "feedback.name"})
@@ -51,7 +53,9 @@ def training_rows(requests: list[dict], feedback: list[dict], route: str) -> tup
         else:
             skipped["rated bad, no correction" if f["rating"] < 0 else "neutral"] += 1
         if answer is not None:
-            rows.append({"messages": [*r["messages"], {"role": "assistant", "content": answer}],
+            # an assistant turn in the logged prompt came from the client, not from this app: context, no loss
+            served = [{**m, "weight": 0} if m["role"] == "assistant" else m for m in r["messages"]]
+            rows.append({"messages": [*served, {"role": "assistant", "content": answer}],
                          "request_id": r["request_id"], "corrected": bool(f.get("correction")),
                          "rank": (bool(f.get("correction")), f["time"])})
     best: dict[str, dict] = {}
@@ -70,16 +74,21 @@ def main(argv: list[str] | None = None) -> dict:
     f = cfg.feedback
     route = require(f.route, "route")
     name = f.name or f"{route}-feedback"
-    requests, feedback = read_log(cfg.serve.request_log, f.since), read_log(cfg.serve.feedback_log, f.since)
+    torn: list[Skipped] = []
+    requests = read_log(cfg.serve.request_log, f.since, torn)
+    feedback = read_log(cfg.serve.feedback_log, f.since, torn)
     rows, skipped = training_rows(requests, feedback, route)
     print(f"{route}: {len(rows)} rows from {len(requests)} logged requests and {len(feedback)} feedback records; "
           f"left out: {skipped}")
+    for t in torn:
+        print(f"skipped line {t.line} of {t.path}: {t.reason}")
     if not rows:
         raise SystemExit(f"error: no rated or corrected answers for route {route!r} since {f.since or 'the start'}")
     export = Path(f.exports).expanduser() / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
     export.parent.mkdir(parents=True, exist_ok=True)
     export.write_text("".join(json.dumps({"messages": r["messages"]}, ensure_ascii=False) + "\n" for r in rows))
     lineage = {"source": "served traffic", "route": route, "since": f.since, "skipped": skipped,
+               "unreadable_lines": [f"{t.path}:{t.line}: {t.reason}" for t in torn],
                "corrected": sum(r["corrected"] for r in rows)}
     manifest = ingest(cfg, name, export.read_text().splitlines(), str(export), lineage,
                       {i: r["request_id"] for i, r in enumerate(rows, start=1)})

@@ -10,6 +10,7 @@ logged first.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -17,15 +18,18 @@ import threading
 from tandem.commandline import Job, run
 from tandem.runtime import ray_session
 
-JOB = Job("serve", __doc__, ("serve", "model", "store.uri", "store.collection", "store.search_params", "search.rrf_k",
-                             "embedder.model", "embedder.device", "mlflow", "rollout"), module="serving")
+JOB = Job("serve", __doc__, ("serve", "auth.mode", "auth.keys_file", "model", "store.uri", "store.collection",
+                             "store.search_params", "search.rrf_k", "embedder.model", "embedder.device", "mlflow",
+                             "rollout"), module="serving")
 
 
 def ask(base_url: str, route: str, question: str) -> dict:
-    """One chat completion through the official client, as any user would send it."""
+    """One chat completion through the official client, as any user would send it (with $TANDEM_API_KEY when the
+    app asks for keys)."""
     from openai import OpenAI
 
-    client = OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=600)
+    client = OpenAI(base_url=f"{base_url}/v1", api_key=os.environ.get("TANDEM_API_KEY", "unused"), max_retries=0,
+                    timeout=600)
     reply = client.chat.completions.create(model=route, messages=[{"role": "user", "content": question}],
                                            user="demo")
     return reply.model_dump()

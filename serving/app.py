@@ -14,6 +14,7 @@ from serving.retriever import Retriever
 from serving.rollout_controller import RolloutController
 from serving.router import Router
 from tandem.config import load_config, route_config
+from tandem.keys import KeyStore, auth_mode
 from tandem.milvus import is_server_uri
 from tandem.models import prepare_base
 
@@ -24,6 +25,7 @@ def build_app(cfg) -> Application:
     base = prepare_base(cfg.model.path, cfg.model.cache_dir, cfg.model.dtype)
     for route in s.routes.values():
         route_config(route)  # a typo in a route fails here, not in a replica
+    auth_mode(cfg.auth.mode, s.host, KeyStore(cfg.auth.keys_file))  # keyless beyond loopback fails here too
     if not is_server_uri(cfg.store.uri) and (s.retriever.autoscaling or s.retriever.num_replicas > 1):
         raise ValueError(f"store.uri={cfg.store.uri} is Milvus Lite, which one process opens: use one retriever "
                          f"replica (no autoscaling) or a Milvus server URI (http://...)")

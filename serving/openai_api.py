@@ -85,7 +85,8 @@ class FeedbackRequest(BaseModel):
 
 def error(status: int, message: str, param: str | None = None, code: str | None = None,
           headers: dict | None = None) -> JSONResponse:
-    kind = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+    kind = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+            404: "invalid_request_error",
             413: "invalid_request_error", 429: "rate_limit_error"}.get(status, "server_error")
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
                         status_code=status, headers=headers)

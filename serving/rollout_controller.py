@@ -52,7 +52,9 @@ class RolloutController:
             return []
         since = min(r.step_started for r in live.values())
         day = datetime.fromtimestamp(since, timezone.utc).strftime("%Y-%m-%d")
-        requests, feedback = read_log(self.cfg.serve.request_log, day), read_log(self.cfg.serve.feedback_log, day)
+        skipped = []  # torn lines are left out, never fatal: a rollback must not wait for a clean log
+        requests = read_log(self.cfg.serve.request_log, day, skipped)
+        feedback = read_log(self.cfg.serve.feedback_log, day, skipped)
         made = []
         for name, current in live.items():
             metrics = rollouts.variant_metrics(requests, feedback, name, current.step_started)
@@ -60,7 +62,7 @@ class RolloutController:
             after = rollouts.apply(self.registry, current, action, reasons, now)
             record = {"route": name, "adapter": current.adapter, "version": current.version, "action": action,
                       "reasons": reasons, "step": current.step, "weight": current.weight, "state": after.state,
-                      "metrics": metrics, "by": "controller"}
+                      "metrics": metrics, "skipped_lines": len(skipped), "by": "controller"}
             if action != rollouts.HOLD or self.last_reason.get(name) != reasons[0]:
                 self.log.append(record)
                 self.decisions.append({"time": now, **record})

@@ -6,6 +6,9 @@ trained on (`tandem.prompts`); the LLM deployment streams the answer with that v
 back with its sources, its variant and adapter version (headers and a `tandem` field), and every request is logged
 before it is acknowledged, so feedback can join it by id.
 
+Callers present API keys as OpenAI clients do (`Authorization: Bearer`, tandem/keys.py), each endpoint asks for its
+scope, and the request log records the key's id; keyless mode (`auth.mode=none`) exists only on a loopback address.
+
 No `from __future__ import annotations` here: FastAPI must see the request models, not strings, through Serve's
 class-based view.
 """
@@ -28,10 +31,11 @@ from serving.openai_api import APIError, ChatCompletionRequest, FeedbackRequest,
 from serving.routes import RouteError, RouteTable
 from tandem.answers import served_grounding
 from tandem.canary import user_hash
+from tandem.keys import AuthError, Key, KeyStore, auth_mode, authenticate, authorize, user_secret
 from tandem.models import BaseModel, load_tokenizer
 from tandem.prompts import parse_rag_answer, rag_messages
 from tandem.registry import Registry, base_model_name
-from tandem.requestlog import JsonlLog
+from tandem.requestlog import JsonlLog, LogWriteError
 
 logger = logging.getLogger("ray.serve")
 app = FastAPI(title="Tandem", version="0.1.0",
@@ -59,6 +63,21 @@ async def _api_error(request: Request, exc: APIError) -> JSONResponse:
     return error(exc.status, exc.message, exc.param, exc.code)
 
 
+@app.exception_handler(LogWriteError)
+async def _log_unavailable(request: Request, exc: LogWriteError) -> JSONResponse:
+    """Nothing is acknowledged that could not be logged: feedback must be able to join it, and the gates see it."""
+    logger.error("%s", exc)
+    return error(503, f"the request log could not be written ({exc.reason}); nothing was recorded, try again",
+                 code="log_unavailable", headers={"retry-after": "10"})
+
+
+@app.exception_handler(AuthError)
+async def _auth_error(request: Request, exc: AuthError) -> JSONResponse:
+    code = "invalid_api_key" if exc.status == 401 else "insufficient_scope"
+    return error(exc.status, exc.message, code=code,
+                 headers={"www-authenticate": "Bearer"} if exc.status == 401 else None)
+
+
 def _usage(last: dict, prompt_tokens: int) -> dict:
     prompt = last.get("prompt_tokens", prompt_tokens)
     completion = last.get("completion_tokens", 0)
@@ -78,19 +97,38 @@ class Router:
         self.tokenizer = load_tokenizer(base)
         self.max_context = cfg.serve.llm.max_context or AutoConfig.from_pretrained(base.path).max_position_embeddings
         self.table = RouteTable(cfg.serve.routes, Registry.from_config(cfg))
+        self.key_store = KeyStore(cfg.auth.keys_file)
+        self.auth = auth_mode(cfg.auth.mode, cfg.serve.host, self.key_store)
+        self.keys = self.key_store.active() if self.auth == "keys" else {}
+        self.user_secret = user_secret(cfg.auth.user_key_file)
         self.refreshed, self.refreshing = time.monotonic(), None
         self.metrics = RouterMetrics()
         self.requests = JsonlLog(cfg.serve.request_log)
         self.feedback_log = JsonlLog(cfg.serve.feedback_log)
-        self.recent: OrderedDict[str, None] = OrderedDict()  # request ids this replica served, for feedback
+        self.recent: OrderedDict[str, dict] = OrderedDict()  # request id -> {key_id}, served here, for feedback
         self.shadows: set = set()  # shadow requests in flight (kept referenced until done)
 
     def _maybe_refresh(self) -> None:
         """Pick up promotions and rollout steps from the registry every serve.refresh_s, off the request path:
         requests keep the table they started with, so a change never fails one."""
         if self.refreshing is None and time.monotonic() - self.refreshed >= self.cfg.serve.refresh_s:
-            self.refreshing = asyncio.get_running_loop().run_in_executor(None, self.table.refresh)
+            self.refreshing = asyncio.get_running_loop().run_in_executor(None, self._refresh)
             self.refreshing.add_done_callback(self._refreshed)
+
+    def _refresh(self) -> None:
+        self.table.refresh()
+        if self.auth == "keys":  # new and revoked keys take effect here, without a restart
+            self.keys = self.key_store.active()
+
+    def _caller(self, request: Request, scope: str | None = None) -> Key | None:
+        """The key this request presents, holding `scope` when one is given (AuthError: 401 or 403); None in
+        keyless mode, where every caller is this machine."""
+        if self.auth == "none":
+            return None
+        key = authenticate(self.keys, request.headers.get("authorization"))
+        if scope:
+            authorize(key, scope)
+        return key
 
     def _refreshed(self, future) -> None:
         self.refreshed, self.refreshing = time.monotonic(), None
@@ -103,19 +141,27 @@ class Router:
                                            for r in self.table.routes.values()}}
 
     @app.get("/v1/models")
-    async def models(self) -> dict:
+    async def models(self, request: Request) -> dict:
+        """Routes and the versions serving on them; every registered version for an admin key."""
+        key = self._caller(request)
         self._maybe_refresh()
-        return {"object": "list", "data": self.table.models(self.base_name)}
+        data = self.table.models(self.base_name)
+        if key is not None and not key.allows("admin"):
+            data = [m for m in data if m["tandem"]["kind"] == "route"
+                    or {"production", "canary"} & set(m["tandem"]["aliases"])]
+        return {"object": "list", "data": data}
 
     @app.get("/v1/rollouts")
-    async def rollouts(self) -> dict:
+    async def rollouts(self, request: Request) -> dict:
         """The rollout controller's recent decisions, with the metrics behind each."""
+        self._caller(request, "admin")
         data = await self.controller.recent.remote() if self.controller is not None else []
         return {"object": "list", "data": data}
 
     @app.post("/v1/retrieve")
-    async def retrieve(self, body: RetrieveRequest) -> dict:
+    async def retrieve(self, body: RetrieveRequest, request: Request) -> dict:
         collection = body.collection or self.cfg.store.collection
+        self._caller(request, f"retrieve:{collection}")
         hits = await self._retrieve(body.query, collection, body.k, body.mode, body.filter)
         return {"object": "list", "collection": collection, "mode": body.mode, "data": hits}
 
@@ -130,32 +176,53 @@ class Router:
             raise APIError(400, " ".join(str(cause).split()) or "invalid retrieval request") from None
 
     @app.post("/v1/feedback")
-    async def feedback(self, body: FeedbackRequest) -> dict:
-        if not await asyncio.to_thread(self._known, body.request_id):
+    async def feedback(self, body: FeedbackRequest, request: Request) -> dict:
+        """Feedback on a request this same key made: nobody rates or corrects someone else's answers."""
+        key = self._caller(request, "feedback")
+        served = await asyncio.to_thread(self._served_to, body.request_id)
+        if served is None:
             raise APIError(404, f"no request {body.request_id!r} was served here", "request_id", "unknown_request")
-        self.feedback_log.append(body.model_dump())
+        caller = key.id if key else None
+        if served.get("key_id") != caller:
+            raise AuthError(403, f"request {body.request_id} was made with another key; feedback comes only from the "
+                                 "key that made the request")
+        self.feedback_log.append({**body.model_dump(), "key_id": caller})
         self.metrics.feedback.inc(1, {"rating": str(body.rating)})
         return {"object": "feedback", "request_id": body.request_id, "recorded": True}
 
-    def _known(self, request_id: str) -> bool:
+    def _served_to(self, request_id: str) -> dict | None:
+        """{key_id} of a request served here, or None when there was no such request."""
         if request_id in self.recent:
-            return True
-        # served by another replica or before a restart: the newest partitions first, off the event loop
+            return self.recent[request_id]
+        # served by another replica or before a restart: only the partitions of the day in its id and the next (a
+        # request logged after midnight), off the event loop
+        started = int(request_id.removeprefix("chatcmpl-")[:8], 16)
+        days = sorted({time.strftime("%Y-%m-%d", time.gmtime(started + d)) for d in (0, 86400)})
         needle = f'"request_id": "{request_id}"'
-        for file in sorted(self.requests.root.glob("date=*/*.jsonl"), reverse=True):
-            with file.open(encoding="utf-8") as f:
-                if any(needle in line for line in f):
-                    return True
-        return False
+        for file in (f for day in days for f in sorted(self.requests.root.glob(f"date={day}/*.jsonl"))):
+            with file.open(encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    if needle in line:
+                        try:
+                            return {"key_id": json.loads(line).get("key_id")}
+                        except ValueError:  # a torn record: look on
+                            continue
+        return None
 
     @app.post("/v1/chat/completions")
-    async def chat(self, body: ChatCompletionRequest):
+    async def chat(self, body: ChatCompletionRequest, request: Request):
         started = time.perf_counter()
+        key = self._caller(request)
         self._maybe_refresh()
         try:
             choice = self.table.choose(body.model, body.user)
         except RouteError as e:
             raise APIError(e.status, e.message, "model", "model_not_found" if e.status == 404 else None) from None
+        authorize(key, f"chat:{choice.route.name}")
+        if choice.variant == "pinned" and choice.adapter not in (choice.route.production, choice.route.canary):
+            authorize(key, "admin")  # a candidate or rolled-back version is not for users yet
+        if body.ignore_eos:
+            authorize(key, "admin")
         route = choice.route
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         sources = []
@@ -177,7 +244,8 @@ class Router:
             raise APIError(400, f"This model's maximum context length is {self.max_context} tokens; the prompt has "
                                 f"{prompt_tokens} (with retrieved context) and max_tokens asks for {max_tokens}",
                            "messages", "context_length_exceeded")
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        # the id carries its time (8 hex digits of the epoch second), so feedback finds its log partition directly
+        request_id = f"chatcmpl-{int(time.time()):08x}{uuid.uuid4().hex[:24]}"
         payload = {"prompt": prompt, "adapter": choice.adapter, "max_tokens": max_tokens,
                    "temperature": body.temperature or 0.0, "top_p": body.top_p or 1.0, "stop": body.stop or [],
                    "ignore_eos": body.ignore_eos}
@@ -185,9 +253,9 @@ class Router:
         # replica serves any adapter, loading it on demand.
         events = self.llm.options(stream=True).remote(payload)
         record = {"request_id": request_id, "model": body.model, "route": route.name, "variant": choice.variant,
-                  "adapter": choice.adapter, "user_hash": user_hash(body.user), "messages": messages,
-                  "rag": route.cfg.rag, "retrieved": [s["id"] for s in sources], "stream": body.stream,
-                  "max_tokens": max_tokens}
+                  "adapter": choice.adapter, "key_id": key.id if key else None,
+                  "user_hash": user_hash(body.user, self.user_secret), "messages": messages, "rag": route.cfg.rag,
+                  "retrieved": [s["id"] for s in sources], "stream": body.stream, "max_tokens": max_tokens}
         meta = {"request_id": request_id, "route": route.name, "variant": choice.variant, "adapter": choice.adapter}
         headers = {"x-tandem-request-id": request_id, "x-tandem-route": route.name, "x-tandem-variant": choice.variant,
                    "x-tandem-adapter": choice.adapter or "base"}
@@ -229,7 +297,10 @@ class Router:
                 last = event if event.get("finish_reason") else last
         except Exception as e:  # a failing shadow must not touch the user's request
             status, message = "error", str(e)
-        self._log(record, started, text, last, sources, status=status, error=message)
+        try:
+            self._log(record, started, text, last, sources, status=status, error=message)
+        except LogWriteError as e:  # nobody waits for a shadow answer: the operator's log says it was lost
+            logger.error("shadow answer not logged: %s", e)
         self.shadows.discard(asyncio.current_task())
 
     async def _sse(self, events, model: str, sources: list, meta: dict, record: dict, started: float,
@@ -260,7 +331,10 @@ class Router:
             yield "data: [DONE]\n\n"
             status = "ok"
         finally:  # also when the client goes away mid-stream: what was generated is still logged
-            self._log(record, started, text, last, sources, status=status, error=message)
+            try:
+                self._log(record, started, text, last, sources, status=status, error=message)
+            except LogWriteError as e:  # the stream has been sent: the operator's log is all that can say so
+                logger.error("streamed answer not logged: %s", e)
 
     def _log(self, record: dict, started: float, text: str, last: dict, sources: list[dict], status: str = "ok",
              error: str | None = None) -> bool | None:
@@ -274,7 +348,7 @@ class Router:
                   "prompt_tokens": last.get("prompt_tokens"), "completion_tokens": last.get("completion_tokens")}
         self.requests.append(record)
         self.metrics.observe(record)
-        self.recent[record["request_id"]] = None
+        self.recent[record["request_id"]] = {"key_id": record.get("key_id")}
         while len(self.recent) > 100_000:
             self.recent.popitem(last=False)
         return format_valid

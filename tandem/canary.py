@@ -7,6 +7,7 @@ from production to canary (never back), which is what a progressive rollout need
 from __future__ import annotations
 
 import hashlib
+import hmac
 import uuid
 
 PRODUCTION, CANARY = "production", "canary"
@@ -25,6 +26,7 @@ def assign(route: str, user: str | None, weight: float) -> str:
     return CANARY if bucket(route, user or uuid.uuid4().hex) < weight else PRODUCTION
 
 
-def user_hash(user: str | None) -> str | None:
-    """What the request log keeps of a user: enough to group and join, not the identifier itself."""
-    return hashlib.sha256(user.encode()).hexdigest()[:16] if user else None
+def user_hash(user: str | None, secret: bytes) -> str | None:
+    """What the request log keeps of a user: enough to group and join, not the identifier itself. Keyed (HMAC), so
+    whoever reads the log cannot test guesses of user ids against it without the secret."""
+    return hmac.new(secret, user.encode(), hashlib.sha256).hexdigest()[:16] if user else None

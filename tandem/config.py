@@ -290,6 +290,7 @@ class ServeConfig:
     retriever: RetrieverServeConfig = field(default_factory=RetrieverServeConfig)
     request_log: str = "${workdir}/requests"  # append-only JSONL partitions; a shared path on a cluster
     feedback_log: str = "${workdir}/feedback"  # append-only JSONL partitions of /v1/feedback
+    log_retention_days: int = 90  # jobs.logs prune: request and feedback partitions older than this are deleted
     router_replicas: int = 1  # HTTP ingress replicas
     router_max_ongoing_requests: int = 128  # per Router replica (Serve's default, 5, would cap the LLM's batches)
     ask: Optional[str] = None  # python -m serving: ask the first route this question once the app is up
@@ -343,6 +344,18 @@ class ReportConfig:
 
 
 @dataclass
+class AuthConfig:
+    """API keys (tandem/keys.py): the app reads the file at start and at every refresh; jobs.keys writes it."""
+    keys_file: str = "${workdir}/keys.json"  # hashed keys; on a cluster, mount a Kubernetes Secret here
+    # the HMAC key that pseudonymizes `user` in the request log (made once); $TANDEM_USER_HMAC_KEY overrides it
+    user_key_file: str = "${workdir}/user-hmac.key"
+    mode: Optional[str] = None  # keys | none (no keys: 127.0.0.1 only); null: keys unless serve.host is loopback
+    name: Optional[str] = None  # jobs.keys create: who or what the key is for
+    scopes: list = field(default_factory=list)  # jobs.keys create: chat:<route>, retrieve:<collection>, feedback, admin
+    id: Optional[str] = None  # jobs.keys revoke: the key's id
+
+
+@dataclass
 class TandemConfig:
     # where jobs keep their state (Milvus Lite, MLflow, datasets, logs); env TANDEM_HOME
     workdir: str = "${oc.env:TANDEM_HOME,.tandem}"
@@ -367,6 +380,7 @@ class TandemConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
 
 
 # `conf/base.yaml` starts from this schema (its defaults list names it), so every key in it can be overridden and

@@ -65,7 +65,10 @@ def main(workdir: str, milvus_uri: str, corpus: str, port: str) -> dict:
 
     from serving.app import build_app
     from tandem.config import load_config
+    from tandem.keys import KeyStore
 
+    # the cluster site serves with API keys only (conf/site/cluster.yaml: auth.mode=keys)
+    _, token = KeyStore(Path(workdir) / "keys.json").create("multinode", ["retrieve:multinode"])
     cfg = load_config("serve", [*small, "serve.llm.autoscaling={min_replicas: 2, max_replicas: 2}",
                                 "serve.llm.num_cpus=0.25", "serve.retriever.num_cpus=0.1",
                                 "serve.retriever.autoscaling={min_replicas: 2, max_replicas: 2}",
@@ -82,7 +85,8 @@ def main(workdir: str, milvus_uri: str, corpus: str, port: str) -> dict:
     import httpx
 
     async def retrieve_burst() -> list[int]:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120) as c:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120,
+                                     headers={"authorization": f"Bearer {token}"}) as c:
             replies = await asyncio.gather(*[c.post("/v1/retrieve", json={
                 "query": f"film {i}", "collection": "multinode", "k": 3, "mode": "hybrid"}) for i in range(12)])
         return [len(r.json()["data"]) if r.status_code == 200 else -r.status_code for r in replies]

@@ -188,10 +188,12 @@ def test_prometheus_scrapes_the_port_ray_exports_metrics_on_and_grafana_reads_pr
     assert datasource["url"] == config_map("tandem-site")["RAY_PROMETHEUS_HOST"]
 
 
-def test_rayservice_serves_conf_serve_tandem_yaml_on_the_cluster_site():
+def test_rayservice_serves_conf_serve_tandem_yaml_on_the_cluster_site(tmp_path):
     from ray.serve.schema import ServeDeploySchema
 
     from serving.app import app
+    from tandem.errors import ConfigError
+    from tandem.keys import KeyStore
 
     (name, service), = of_kind("RayService")
     served = yaml.safe_load(service["spec"]["serveConfigV2"])
@@ -202,9 +204,14 @@ def test_rayservice_serves_conf_serve_tandem_yaml_on_the_cluster_site():
     local["http_options"]["host"] = "0.0.0.0"
     local["applications"][0]["args"]["overrides"] = ["site=cluster"]
     assert served == local
-    # and the app builds from it: Serve accepts the cluster site's autoscaling and placement options
-    application = app(served["applications"][0]["args"])
-    assert application is not None
+    # the cluster site refuses to serve without API keys, and builds with them: Serve accepts its autoscaling and
+    # placement options
+    args = served["applications"][0]["args"]
+    keys = tmp_path / "keys.json"
+    with pytest.raises(ConfigError, match="holds no active key"):
+        app({"overrides": [*args["overrides"], f"auth.keys_file={keys}"]})
+    KeyStore(keys).create("service", ["chat:*"])
+    assert app({"overrides": [*args["overrides"], f"auth.keys_file={keys}"]}) is not None
 
 
 @pytest.mark.parametrize("name,doc", of_kind("RayJob"), ids=lambda v: v if isinstance(v, str) else "")

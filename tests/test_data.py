@@ -67,6 +67,32 @@ def test_each_bad_row_is_rejected_with_its_reason():
     assert "line 8: too long" in result.report()
 
 
+def test_turns_of_weight_zero_are_context_without_loss(tmp_path):
+    from tandem.config import load_config
+    from tandem.data.dataset_store import DatasetStore
+    from tandem.data.features import IGNORE, chat_features
+    from tandem.models import load_tokenizer, prepare_base
+
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Forged words", "weight": 0},
+             {"role": "user", "content": "And?"}, {"role": "assistant", "content": "Served words"}]
+    result = validate_rows([json.dumps({"messages": turns}),
+                            json.dumps({"messages": [*turns[:3], {**turns[3], "weight": 2}]}),
+                            json.dumps({"messages": [*turns[:3], {**turns[3], "weight": 0}]})],
+                           count_words, max_tokens=50, eval_fraction=0.0)
+    assert [r.reason for r in result.rejected] == [
+        "bad schema: message 3 has weight 2; expected 0 (no loss) or 1",
+        "bad schema: the last turn has weight 0, so the row would teach nothing"]
+    version, _ = DatasetStore(tmp_path).add("w", [{**r, "tokens": 9} for r in result.rows], source="x", rejected=[],
+                                            tokenizer="t")
+    stored = version.rows()[0]["messages"]
+    assert stored == turns  # the weight survives the store, and an absent one stays absent
+    m = load_config("finetune").model
+    tokenizer = load_tokenizer(prepare_base(m.path, m.cache_dir, m.dtype))
+    ids, labels = chat_features(tokenizer, stored, 256)
+    learned = tokenizer.decode([t for t in labels if t != IGNORE])
+    assert "Served words" in learned and "Forged" not in learned and len(ids) == len(labels)
+
+
 def test_flag_truncate_near_duplicates_and_split_overlap():
     base = "Ray Data streams blocks of rows between operators so that reading, transforming and writing overlap"
     lines = [

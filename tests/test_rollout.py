@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -61,8 +62,14 @@ def route_seen(http, name: str = "ro") -> dict:
 
 
 def test_broken_canary_is_rolled_back_automatically(serve_cfg, base_url, http):
+    """... also with a torn and an undecodable line in the request log, as a writer killed mid-record leaves: the
+    controller skips and counts them, and the safety net keeps working."""
     registry = Registry.from_config(serve_cfg)
     started = time.time()
+    partition = Path(serve_cfg.serve.request_log) / f"date={time.strftime('%Y-%m-%d', time.gmtime())}"
+    partition.mkdir(parents=True, exist_ok=True)
+    with (partition / "torn-by-rollout-test.jsonl").open("ab") as f:
+        f.write(b'{"time": 1795700000.0, "note": "\xff"}\n{"time": 1795700000.0, "request_id": "chatcm')
     promote(["route=ro", "adapter=ro@3", "stage=canary", "reason=test: a corrupt adapter"])
     with SteadyStream(base_url) as stream:
         wait_for(lambda: load(registry, "ro").state == "rolled_back", what="the rollback")
@@ -74,7 +81,7 @@ def test_broken_canary_is_rolled_back_automatically(serve_cfg, base_url, http):
     assert len(canary) >= serve_cfg.rollout.min_requests and all(r["status"] == "error" for r in canary)
     decision = [d for d in read_log(serve_cfg.rollout.decisions_log)
                 if d["route"] == "ro" and d["action"] == "rollback"]
-    assert decision and "error rate" in decision[-1]["reasons"][0]
+    assert decision and "error rate" in decision[-1]["reasons"][0] and decision[-1]["skipped_lines"] >= 2
     assert decision[-1]["metrics"]["canary"]["requests"] >= serve_cfg.rollout.min_requests
     # Bounded in time, not in count (a fast-failing canary answers many requests a second): the routers stop
     # sending to it within one refresh of the rollback, give or take the request in flight.

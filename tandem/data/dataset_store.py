@@ -25,7 +25,8 @@ import pyarrow.parquet as pq
 from tandem.stats import percentile
 
 SCHEMA = pa.schema([
-    ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+    # weight 0: a turn kept as context with no loss (tandem/data/features.py); absent means 1
+    ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string()), ("weight", pa.int8())]))),
     ("split", pa.string()),
     ("line", pa.int64()),
     ("flags", pa.list_(pa.string())),
@@ -48,8 +49,10 @@ class DatasetVersion:
 
     def rows(self, split: str | None = None) -> list[dict]:
         table = pq.read_table(self.path / "data.parquet")
-        rows = table.to_pylist()
-        return [r for r in rows if split is None or r["split"] == split]
+        rows = [r for r in table.to_pylist() if split is None or r["split"] == split]
+        for r in rows:  # an absent weight reads back as None: drop it, as the row was written
+            r["messages"] = [{k: v for k, v in m.items() if v is not None} for m in r["messages"]]
+        return rows
 
 
 class DatasetStore:

@@ -13,7 +13,8 @@ FEATURES = pa.schema([("split", pa.string()), ("input_ids", pa.list_(pa.int32())
 
 
 def chat_features(tokenizer, messages: list[dict], max_length: int) -> tuple[list[int], list[int]]:
-    """Token ids of the whole chat, and labels that are the ids on assistant turns and IGNORE elsewhere."""
+    """Token ids of the whole chat, and labels that are the ids on assistant turns and IGNORE elsewhere, also on an
+    assistant turn of weight 0 (context the model must not learn to say, such as a client-supplied history)."""
     ids: list[int] = []
     labels: list[int] = []
     for i, m in enumerate(messages):
@@ -23,7 +24,8 @@ def chat_features(tokenizer, messages: list[dict], max_length: int) -> tuple[lis
         full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=True)["input_ids"]
         if full[: len(prompt)] != prompt or prompt[: len(ids)] != ids:
             raise ValueError("the chat template is not prefix-stable; cannot mask prompts")
-        labels += [IGNORE] * (len(prompt) - len(ids)) + full[len(prompt) :]
+        answer = full[len(prompt) :]
+        labels += [IGNORE] * (len(prompt) - len(ids)) + (answer if m.get("weight") != 0 else [IGNORE] * len(answer))
         ids = full
     return ids[:max_length], labels[:max_length]
 

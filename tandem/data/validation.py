@@ -1,9 +1,10 @@
 """Validation of training rows. Every rejected row keeps its line number and the reason; nothing is dropped quietly.
 
-Rows are chat (`{"messages": [{"role", "content"}, ...]}`) or prompt/response (`{"prompt", "response"}`, optional
-`system`); both become messages. Checks, in order: schema and roles, empty turns, token length (reject or truncate),
-likely secrets and personal data (flag or drop), exact and near duplicates, and overlap between the train and eval
-splits (which near-duplicate grouping makes impossible by construction: a group is assigned to one split).
+Rows are chat (`{"messages": [{"role", "content", optional "weight": 0|1}, ...]}`) or prompt/response
+(`{"prompt", "response"}`, optional `system`); both become messages. Checks, in order: schema and roles, empty
+turns, token length (reject or truncate), likely secrets and personal data (flag or drop), exact and near
+duplicates, and overlap between the train and eval splits (which near-duplicate grouping makes impossible by
+construction: a group is assigned to one split).
 """
 
 from __future__ import annotations
@@ -76,7 +77,13 @@ def to_messages(obj) -> list[dict]:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise ValueError(f"bad schema: message {i} needs string role and content")
-        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+            if m.get("weight", 1) not in (0, 1) or isinstance(m.get("weight"), bool):
+                raise ValueError(f"bad schema: message {i} has weight {m['weight']!r}; expected 0 (no loss) or 1")
+            if m.get("weight") == 0 and i == len(messages) - 1:
+                raise ValueError("bad schema: the last turn has weight 0, so the row would teach nothing")
+        # weight 0 (Axolotl's per-message field): a turn kept as context that gets no loss
+        messages = [{"role": m["role"], "content": m["content"], **({"weight": 0} if m.get("weight") == 0 else {})}
+                    for m in messages]
     elif "prompt" in obj and "response" in obj:
         if not all(isinstance(obj.get(k, ""), str) for k in ("prompt", "response", "system")):
             raise ValueError("bad schema: prompt, response and system must be strings")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 
 from ray import serve
 
@@ -56,6 +57,10 @@ class LLM:
         self.peft = None  # the PeftModel around the base, made when the first adapter arrives
         self.lock = threading.Lock()  # generation vs adapter load/delete
         self.loads = self.evictions = 0
+        # adapter id -> (when, message): a load that failed is not retried for every request (a download and a
+        # checksum of the weights each time) until serve.llm.retry_failed_adapter_s have passed
+        self.failures: dict[str, tuple[float, str]] = {}
+        self.retry_failed_s = llm.retry_failed_adapter_s
         self.passes = self.most_rows = self.most_adapters = 0  # generate calls, and the widest of them
         self.metrics = AdapterMetrics()
         self.registry = Registry.from_config(cfg)
@@ -80,6 +85,13 @@ class LLM:
         self.loads += 1
         self.metrics.loads.inc(1, {"adapter": adapter_id})
         return LoadedAdapter(self, adapter_id, manifest)
+
+    def _recent_failure(self, name: str) -> str | None:
+        when, message = self.failures.get(name, (None, None))
+        if when is None or time.monotonic() - when > self.retry_failed_s:
+            self.failures.pop(name, None)
+            return None
+        return message
 
     def _load(self, name: str, path) -> None:
         from peft import PeftModel
@@ -139,10 +151,17 @@ class LLM:
         for group in self._groups(requests):
             failed = {}
             for name in {requests[i]["adapter"] for i in group} - {None}:
+                if (message := self._recent_failure(name)) is not None:
+                    failed[name] = message
+                    continue
                 try:
                     await self.adapter(name)
                 except Exception as e:  # a corrupt or foreign adapter fails its own requests only
-                    failed[name] = f"adapter {name} could not be loaded: {e}"
+                    logger.error("adapter %s could not be loaded: %s", name, e)
+                    # the client learns what failed, not the paths and checksums behind it
+                    failed[name] = f"adapter {name} could not be loaded ({type(e).__name__}); it is retried after " \
+                                   f"{self.retry_failed_s:.0f} s"
+                    self.failures[name] = (time.monotonic(), failed[name])
             rows = [i for i in group if requests[i]["adapter"] not in failed]
             if len(rows) < len(group):
                 events = [StopIteration if done[i] else {"text": ""} for i in range(n)]

@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException
 
+from serving.limits import BodyLimit
 from serving.metrics import RouterMetrics
 from serving.openai_api import APIError, ChatCompletionRequest, FeedbackRequest, RetrieveRequest, error
 from serving.routes import RouteError, RouteTable
@@ -38,8 +39,10 @@ from tandem.registry import Registry, base_model_name
 from tandem.requestlog import JsonlLog, LogWriteError
 
 logger = logging.getLogger("ray.serve")
+MAX_CHARS_PER_TOKEN = 10  # no tokenizer here spells a token in more: a cheap bound checked before tokenizing
 app = FastAPI(title="Tandem", version="0.1.0",
               description="RAG for knowledge, LoRA adapters for behaviour: OpenAI-compatible chat over both.")
+app.add_middleware(BodyLimit)
 
 
 @app.exception_handler(RequestValidationError)
@@ -91,12 +94,13 @@ class Router:
         from transformers import AutoConfig
 
         self.cfg = cfg
+        app.state.max_body_bytes = cfg.serve.max_body_bytes
         self.retriever, self.llm = retriever, llm
         self.controller = controller
         self.base_name = base_model_name(cfg.model.path)
         self.tokenizer = load_tokenizer(base)
         self.max_context = cfg.serve.llm.max_context or AutoConfig.from_pretrained(base.path).max_position_embeddings
-        self.table = RouteTable(cfg.serve.routes, Registry.from_config(cfg))
+        self.table = RouteTable(cfg.serve.routes, Registry.from_config(cfg), self.base_name)
         self.key_store = KeyStore(cfg.auth.keys_file)
         self.auth = auth_mode(cfg.auth.mode, cfg.serve.host, self.key_store)
         self.keys = self.key_store.active() if self.auth == "keys" else {}
@@ -145,7 +149,7 @@ class Router:
         """Routes and the versions serving on them; every registered version for an admin key."""
         key = self._caller(request)
         self._maybe_refresh()
-        data = self.table.models(self.base_name)
+        data = self.table.models()
         if key is not None and not key.allows("admin"):
             data = [m for m in data if m["tandem"]["kind"] == "route"
                     or {"production", "canary"} & set(m["tandem"]["aliases"])]
@@ -225,6 +229,11 @@ class Router:
             authorize(key, "admin")
         route = choice.route
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        chars, most = sum(len(m["content"]) for m in messages), self.max_context * MAX_CHARS_PER_TOKEN
+        if chars > most:  # cannot fit, whatever the tokens: refused before retrieval or tokenization spend on it
+            raise APIError(400, f"This model's maximum context length is {self.max_context} tokens; the messages "
+                                f"hold {chars} characters, more than any {self.max_context} tokens spell ({most})",
+                           "messages", "context_length_exceeded")
         sources = []
         if route.cfg.rag:
             question = messages[-1]["content"]
@@ -233,8 +242,7 @@ class Router:
             sources = [{"index": i, **h} for i, h in enumerate(hits, start=1)]
             system, user = rag_messages(question, [h["text"] for h in hits])
             messages = [system, *[m for m in messages[:-1] if m["role"] != "system"], user]
-        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        prompt_tokens = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        prompt, prompt_tokens = await asyncio.to_thread(self._prompt, messages)  # off the event loop
         limits = self.cfg.serve.llm
         max_tokens = body.completion_limit() or limits.default_max_tokens
         if max_tokens > limits.max_new_tokens:
@@ -274,8 +282,11 @@ class Router:
                     raise APIError(503, event["error"], code="adapter_unavailable")
                 text, last = text + event["text"], event if event.get("finish_reason") else last
         except Exception as e:  # the server's fault, not the caller's: 503, and logged for the rollout gates
-            error = e if isinstance(e, APIError) else APIError(503, f"generation failed: {e}", code="llm_unavailable")
-            self._log(record, started, text, last, sources, status="error", error=error.message)
+            if not isinstance(e, APIError):  # the details (a Ray traceback, pids, addresses) stay in the server log
+                logger.exception("request %s: generation failed", request_id)
+            error = e if isinstance(e, APIError) else APIError(
+                503, f"generation failed; the server log has the details under {request_id}", code="llm_unavailable")
+            self._log(record, started, text, last, sources, status="error", error=f"{type(e).__name__}: {e}"[:2000])
             raise error from None
         format_valid = self._log(record, started, text, last, sources)
         completion = {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": body.model,
@@ -284,6 +295,10 @@ class Router:
                       "usage": _usage(last, prompt_tokens), "sources": sources,
                       "tandem": {**meta, "format_valid": format_valid}}
         return JSONResponse(completion, headers=headers)
+
+    def _prompt(self, messages: list[dict]) -> tuple[str, int]:
+        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return prompt, len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
     async def _shadow(self, payload: dict, record: dict, sources: list[dict]) -> None:
         """The canary answers a copy of the request; the answer is logged, never returned."""
@@ -330,6 +345,10 @@ class Router:
                 yield sse([], usage=_usage(last, 0))
             yield "data: [DONE]\n\n"
             status = "ok"
+        except Exception as e:  # the engine failed mid-stream: an error for the rollout gates, not a disconnect
+            logger.exception("request %s: generation failed mid-stream", meta["request_id"])
+            status, message = "error", f"{type(e).__name__}: {e}"[:2000]
+            yield f"data: {json.dumps({'error': {'message': 'generation failed', 'type': 'server_error'}})}\n\n"
         finally:  # also when the client goes away mid-stream: what was generated is still logged
             try:
                 self._log(record, started, text, last, sources, status=status, error=message)

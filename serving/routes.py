@@ -46,17 +46,21 @@ class Choice:
 
 
 class RouteTable:
-    def __init__(self, routes_cfg, registry):
+    def __init__(self, routes_cfg, registry, base_name: str):
         self.routes_cfg = routes_cfg
         self.registry = registry
+        self.base_name = base_name
         self.routes: dict[str, Route] = {}
         self.pins: dict[tuple[str, str], str | None] = {}
+        self.versions: list[dict] = []
         self.refresh()
 
     def refresh(self) -> None:
-        """Re-read the aliases, weights and rollout state: what a rollout step or a promotion changes."""
+        """Re-read the aliases, weights and rollout state (what a rollout step or a promotion changes), and the
+        registered versions /v1/models lists: requests never wait on the registry."""
         self.routes = {name: self._resolve(name, route_config(cfg)) for name, cfg in self.routes_cfg.items()}
         self.pins = {}  # pinned `adapter@alias` ids resolve again, as of this refresh
+        self.versions = self._versions()
 
     def _version(self, adapter: str, which: str) -> str | None:
         from mlflow.exceptions import MlflowException
@@ -104,20 +108,22 @@ class RouteTable:
             return Choice(route, CANARY, route.canary)
         return Choice(route, route.default_variant, route.production)
 
-    def models(self, base_name: str) -> list[dict]:
-        """Routes and adapter versions, each with its base model as parent, for /v1/models."""
-        data = []
-        for r in self.routes.values():
-            data.append({"id": r.name, "object": "model", "created": 0, "owned_by": "tandem", "parent": base_name,
-                         "tandem": {"kind": "route", "rag": r.cfg.rag, "adapter": r.cfg.adapter,
-                                    "variant": r.default_variant, "production": r.production, "canary": r.canary,
-                                    "canary_weight": r.weight, "shadow": r.shadow}})
+    def models(self) -> list[dict]:
+        """Routes and adapter versions, each with its base model as parent, for /v1/models; as of the last
+        refresh."""
+        return [{"id": r.name, "object": "model", "created": 0, "owned_by": "tandem", "parent": self.base_name,
+                 "tandem": {"kind": "route", "rag": r.cfg.rag, "adapter": r.cfg.adapter, "variant": r.default_variant,
+                            "production": r.production, "canary": r.canary, "canary_weight": r.weight,
+                            "shadow": r.shadow}} for r in self.routes.values()] + self.versions
+
+    def _versions(self) -> list[dict]:
         from mlflow.exceptions import MlflowException
 
+        data = []
         for adapter in sorted({r.cfg.adapter for r in self.routes.values() if r.cfg.adapter}):
             try:
                 described = self.registry.describe(adapter)
-            except MlflowException:  # not registered yet: the route's entry above says so
+            except MlflowException:  # not registered yet: the route's entry says so
                 continue
             for desc in described:
                 by_version: dict[str, list[str]] = {}
@@ -125,7 +131,7 @@ class RouteTable:
                     by_version.setdefault(str(version), []).append(alias)
                 for v in desc["versions"]:
                     data.append({"id": f"{adapter}@{v['version']}", "object": "model", "created": 0,
-                                 "owned_by": "tandem", "parent": base_name,
+                                 "owned_by": "tandem", "parent": self.base_name,
                                  "tandem": {"kind": "adapter", "aliases": sorted(by_version.get(str(v["version"]), [])),
                                             "dataset": v["tags"].get("dataset")}})
         return data

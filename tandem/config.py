@@ -254,6 +254,7 @@ class LLMServeConfig:
     quantization: str = "none"  # nf4 | int8 | none
     torch_threads: int = 0  # 0: torch's default (Ray pins it to num_cpus)
     max_adapters: int = 4  # LoRA adapters kept loaded per replica (LRU); an evicted one is deleted
+    retry_failed_adapter_s: float = 30.0  # an adapter that failed to load fails its requests at once this long
     max_batch_size: int = 8  # requests of any adapters batched into one forward pass
     batch_wait_timeout_s: float = 0.05  # how long a batch waits to fill
     max_ongoing_requests: int = 32  # requests one replica accepts at once (Serve backpressure)
@@ -292,6 +293,7 @@ class ServeConfig:
     feedback_log: str = "${workdir}/feedback"  # append-only JSONL partitions of /v1/feedback
     log_retention_days: int = 90  # jobs.logs prune: request and feedback partitions older than this are deleted
     router_replicas: int = 1  # HTTP ingress replicas
+    max_body_bytes: int = 1048576  # larger request bodies get 413 while they arrive, before any parsing
     router_max_ongoing_requests: int = 128  # per Router replica (Serve's default, 5, would cap the LLM's batches)
     ask: Optional[str] = None  # python -m serving: ask the first route this question once the app is up
     refresh_s: float = 5.0  # how often routers re-read aliases, weights and rollout state from the registry
@@ -315,7 +317,9 @@ class RolloutConfig:
     adapter: Optional[str] = None  # NAME@VERSION (or NAME@ALIAS) of the canary
     stage: Optional[str] = None  # canary | production | rollback | pause | resume | abort
     weight: Optional[float] = None  # stage=canary: hold this weight (gated, not advanced) instead of the steps
-    steps: list = field(default_factory=lambda: [0.1, 0.25, 0.5, 1.0])  # canary weights, in order; 1.0 means promote
+    steps: list = field(default_factory=lambda: [0.1, 0.25, 0.5, 1.0])  # canary weights, in order; 1.0 means all
+    # healthy at 100%: promote without a human; false: hold there until `jobs.promote stage=production`
+    auto_promote: bool = False
     shadow: bool = False  # first the canary answers copies of requests (logged, not returned)
     min_requests: int = 20  # canary requests per step before a decision
     min_seconds: float = 60.0  # time per step before advancing

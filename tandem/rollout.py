@@ -5,7 +5,8 @@ versions, the registered model's `canary_weight` tag the share of users, and its
 and where it stands, so a restarted controller continues where it was. The gates follow Flagger and Argo Rollouts:
 per variant over the current step's traffic (error rate, p95 latency against production, negative feedback, the
 output format the adapter was trained for, and how well the passages it cites support its answers); failing ->
-rollback to 0% with production untouched, too little data -> hold, healthy -> next step, healthy at 100% -> promote.
+rollback to 0% with production untouched, too little data -> hold, healthy -> next step, healthy at 100% ->
+promoted with rollout.auto_promote, else held there for a human.
 """
 
 from __future__ import annotations
@@ -145,13 +146,19 @@ def decide(rollout: Rollout, metrics: dict, cfg, now: float) -> tuple[str, list[
     if now - rollout.step_started < cfg.min_seconds:
         return HOLD, [f"step running {now - rollout.step_started:.0f} s < {cfg.min_seconds} s"]
     if rollout.state == "running" and rollout.step == len(rollout.steps) - 1:
-        return (PROMOTE, ["healthy at 100%"]) if rollout.steps[-1] >= 1.0 else \
-            (HOLD, [f"healthy; the schedule ends at {rollout.steps[-1]:.0%}: promote by hand"])
+        if rollout.steps[-1] >= 1.0 and cfg.auto_promote:
+            return PROMOTE, ["healthy at 100%"]
+        return HOLD, [f"healthy at {rollout.steps[-1]:.0%}: waiting for a human (jobs.promote stage=production), "
+                      "or rollout.auto_promote=true"]
     return ADVANCE, ["healthy"]
 
 
 def apply(registry, rollout: Rollout, action: str, reasons: list[str], now: float) -> Rollout:
-    """Carry out a decision in the registry; returns the rollout as it now stands."""
+    """Carry out a decision in the registry; returns the rollout as it now stands. The decision was made on the
+    state read at the start of the tick: when a human changed it since (an abort, a pause), theirs stands and this
+    decision is dropped. The registry has no compare-and-swap, so this re-read narrows the race to the write itself."""
+    if action != HOLD and load(registry, rollout.adapter) != rollout:
+        return load(registry, rollout.adapter) or rollout
     why = "; ".join(reasons)
     if action == ROLLBACK:
         rollback(registry, rollout.adapter, f"automatic rollback: {why}")

@@ -103,7 +103,8 @@ def serve_cfg(ray_cluster, milvus_server, wiki_index, workdir, tmp_path_factory)
                  "+serve.routes.ro={adapter: ro}",
                  "+serve.routes.fresh={adapter: fresh, rag: true, collection: wiki, k: 2}",
                  "serve.refresh_s=0.5", "rollout.interval_s=0.5",
-                 "rollout.min_requests=4", "rollout.min_seconds=1", "rollout.steps=[0.5,1.0]"]
+                 "rollout.min_requests=4", "rollout.min_seconds=1", "rollout.steps=[0.5,1.0]",
+                 "rollout.auto_promote=true"]  # test_rollout watches a healthy canary promote itself
     cfg = load_config("serve", overrides)
     registry = Registry.from_config(cfg)
     base = prepare_base(cfg.model.path, cfg.model.cache_dir, cfg.model.dtype)

@@ -108,3 +108,23 @@ def test_torn_log_lines_break_neither_feedback_nor_the_feedback_job(http, serve_
     secret = Path(serve_cfg.auth.user_key_file).read_bytes().strip()
     assert logged["user_hash"] == hmac.new(secret, b"alice", hashlib.sha256).hexdigest()[:16]
     assert logged["user_hash"] != hashlib.sha256(b"alice").hexdigest()[:16]  # not guessable without the key
+
+
+def test_big_bodies_and_long_or_many_messages_are_refused_before_any_work(http):
+    user = {"role": "user", "content": "Hi"}
+    huge = b'{"model": "chat", "messages": [{"role": "user", "content": "' + b"x" * (20 << 20) + b'"}]}'
+    started = time.perf_counter()
+    declared = http.post("/v1/chat/completions", content=huge, headers={"content-type": "application/json"})
+    assert declared.status_code == 413 and declared.json()["error"]["code"] == "request_too_large"
+    chunked = http.post("/v1/chat/completions", content=(huge[i : i + (1 << 20)] for i in range(0, len(huge), 1 << 20)),
+                        headers={"content-type": "application/json"})  # no Content-Length: counted as it arrives
+    assert chunked.status_code == 413
+    turns = [user, {"role": "assistant", "content": "x"}] * 150 + [user]
+    many = http.post("/v1/chat/completions", json={"model": "chat", "messages": turns})
+    assert many.status_code == 400 and many.json()["error"]["param"] == "messages"
+    long = http.post("/v1/chat/completions", json={"model": "chat", "messages": [
+        {"role": "user", "content": "word " * 150_000}]})  # 750 kB: under the body limit, over any context
+    assert long.status_code == 400 and long.json()["error"]["code"] == "context_length_exceeded"
+    assert time.perf_counter() - started < 30  # none of them was tokenized or generated for
+    assert http.post("/v1/chat/completions", json={"model": "chat", "max_tokens": 1,
+                                                   "messages": [user]}).status_code == 200

@@ -135,8 +135,8 @@ def test_feedback_only_from_the_key_that_asked_and_logs_keep_ids_not_keys(secure
     logged = [r for r in read_log(secured["cfg"].serve.request_log) if r["request_id"] == reply.id]
     assert logged and logged[0]["key_id"] == user_id
     logs = (secured["cfg"].serve.request_log, secured["cfg"].serve.feedback_log)
-    log_text = "".join(p.read_text() for root in logs for p in Path(root).glob("date=*/*.jsonl"))
-    assert all(token not in log_text for token in secured["tokens"].values())
+    log_bytes = b"".join(p.read_bytes() for root in logs for p in Path(root).glob("date=*/*.jsonl"))
+    assert all(token.encode() not in log_bytes for token in secured["tokens"].values())
     feedback = [f for f in read_log(secured["cfg"].serve.feedback_log) if f["request_id"] == reply.id]
     assert [f["key_id"] for f in feedback] == [user_id]  # the stranger's attempt left nothing
 

@@ -4,6 +4,7 @@ app's rollout controller, reading the registry the routers serve from."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from pathlib import Path
@@ -91,7 +92,10 @@ def test_broken_canary_is_rolled_back_automatically(serve_cfg, base_url, http):
     aliases = registry.aliases("ro")
     assert aliases["production"] == "1" and "canary" not in aliases
     assert all(status == 200 and adapter == "ro@1" for status, _, adapter, _ in stream.replies[after:])
-    assert any(status == 503 for status, *_ in stream.replies)  # the broken canary really was served
+    failed = [body["error"]["message"] for status, _, _, body in stream.replies if status == 503]
+    assert failed  # the broken canary really was served
+    # the client learns which adapter failed, not the paths, checksums or processes behind it
+    assert all("ro@3" in m and "pid=" not in m and not re.search(r"/\w+/", m) for m in failed), failed[:2]
 
 
 def test_healthy_canary_is_promoted_through_every_step_without_a_failed_request(serve_cfg, base_url, http):

@@ -140,7 +140,7 @@ def test_rollout_decisions():
 
     gates = SimpleNamespace(max_error_rate=0.05, max_latency_p95_ratio=2.0, max_negative_feedback_rate=0.25,
                             min_format_valid=0.9, min_grounded=0.6)
-    cfg = SimpleNamespace(min_requests=4, min_seconds=10, gates=gates)
+    cfg = SimpleNamespace(min_requests=4, min_seconds=10, gates=gates, auto_promote=True)
 
     def rec(i, variant, status="ok", latency=100.0, valid=True, grounded=1.0):
         return {"request_id": f"r{variant}{i}", "route": "a", "variant": variant, "status": status, "time": 100 + i,
@@ -155,6 +155,9 @@ def test_rollout_decisions():
     assert decide(rollout, variant_metrics(healthy, [], "a", 100), cfg, now=200)[0] == ADVANCE
     rollout.step = 1
     assert decide(rollout, variant_metrics(healthy, [], "a", 100), cfg, now=200)[0] == PROMOTE
+    human = SimpleNamespace(**{**vars(cfg), "auto_promote": False})  # the default: 100% waits for a person
+    action, reasons = decide(rollout, variant_metrics(healthy, [], "a", 100), human, now=200)
+    assert action == HOLD and "waiting for a human" in reasons[0]
     for bad, why in [([rec(i, "canary", status="error") for i in range(5)], "error rate"),
                      ([rec(i, "canary", latency=900) for i in range(5)], "p95 latency"),
                      ([rec(i, "canary", valid=False) for i in range(5)], "valid output format"),
@@ -164,6 +167,22 @@ def test_rollout_decisions():
     feedback = [{"request_id": f"rcanary{i}", "rating": -1} for i in range(2)]
     action, reasons = decide(rollout, variant_metrics(healthy, feedback, "a", 100), cfg, now=200)
     assert action == ROLLBACK and "negative feedback" in reasons[0]
+
+
+def test_a_human_change_during_a_controller_tick_wins(tmp_path):
+    from tandem import rollout
+    from tandem.config import load_config
+    from tandem.registry import Registry
+
+    registry = Registry.from_config(load_config("registry", [f"workdir={tmp_path}"]))
+    registry._ensure_model("ad", "adapter")
+    read_by_the_tick = rollout.Rollout("ad", "2", [0.5, 1.0])
+    rollout.save(registry, read_by_the_tick)
+    aborted = rollout.load(registry, "ad")
+    aborted.state, aborted.reason = "aborted", "a human, mid-tick"
+    rollout.save(registry, aborted)
+    after = rollout.apply(registry, read_by_the_tick, rollout.ADVANCE, ["healthy"], now=1e10)
+    assert after.state == "aborted" and rollout.load(registry, "ad") == aborted  # the advance was dropped
 
 
 def test_grafana_dashboard_uses_the_metrics_the_app_exports():

@@ -32,7 +32,7 @@ demo: setup
 	# with the retriever's passages, QLoRA for $(DEMO_STEPS) steps; the gate asks held-out test-split questions
 	$(PY) -m jobs.prepare_data data.dataset=grounded_qa data.rows=$(DEMO_ROWS)
 	$(PY) -m jobs.dataset add name=grounded_qa path=.tandem/data/grounded_qa/grounded_qa.jsonl dataset.max_tokens=1024
-	$(PY) -m jobs.finetune dataset=grounded_qa@latest train.max_steps=$(DEMO_STEPS) train.batch_size=1 \
+	$(PY) -m jobs.finetune dataset=grounded_qa@latest train.max_steps=$(DEMO_STEPS) train.batch_size=2 \
 		train.max_length=1024 train.lr=1e-3 train.checkpoint_every=20
 	$(PY) -m jobs.validate adapter=grounded_qa@candidate validate.max_questions=40 validate.retention_docs=16
 	$(PY) -m jobs.registry list

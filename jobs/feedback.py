@@ -5,7 +5,9 @@
 - An answer rated good (rating 1) becomes a row: the prompt exactly as it was served (for a RAG route: the system
   prompt, the numbered retrieved context and the question) and the answer. Assistant turns in the prompt came from
   the client, not from the app, so they get weight 0: context, never a training target.
-- A corrected answer (any rating) becomes a row with the correction in place of the answer.
+- A corrected answer (any rating) becomes a row with the correction in place of the answer, once it is trusted: sent
+  without a key (loopback), by a key in feedback.trusted_keys, or accepted with `jobs.review`. Until then it waits,
+  counted; a rejected one leaves the request out.
 - Answers rated bad without a correction, unrated, failed and shadow answers are left out, and counted; so are log
   lines that are torn or undecodable (a writer killed mid-record), each reported with its file and line.
 The rows then go through the same validation and store as any training data (`tandem.data.ingest`): duplicates and
@@ -28,14 +30,26 @@ JOB = Job("feedback", __doc__, ("feedback", "serve.request_log", "serve.feedback
           shorthands={"route": "feedback.route", "since": "feedback.since", "name": "feedback.name"})
 
 
-def training_rows(requests: list[dict], feedback: list[dict], route: str) -> tuple[list[dict], dict]:
-    """(rows with their request id, counts of what was left out and why).
+def correction_state(f: dict, trusted_keys: set[str], decisions: dict[str, str]) -> str:
+    """`trusted` (keyless, a trusted key, or accepted in review), `rejected`, or `pending` review."""
+    decision = decisions.get(f["request_id"])
+    if decision is not None:
+        return "trusted" if decision == "accept" else "rejected"
+    return "trusted" if f.get("key_id") is None or f["key_id"] in trusted_keys else "pending"
+
+
+def training_rows(requests: list[dict], feedback: list[dict], route: str, trusted_keys: set[str] = frozenset(),
+                  decisions: dict[str, str] | None = None) -> tuple[list[dict], dict]:
+    """(rows with their request id and key id, counts of what was left out and why).
 
     One row per distinct prompt: a correction beats a good rating, and a later one an earlier one, so the same
-    question asked twice does not teach two answers.
+    question asked twice does not teach two answers. A correction from a key that is not trusted waits for
+    `jobs.review` and a rejected one leaves its request out; both are counted.
     """
     latest = {f["request_id"]: f for f in feedback}  # the last word on a request counts
-    rows, skipped = [], {"unrated": 0, "rated bad, no correction": 0, "neutral": 0, "not ok": 0, "superseded": 0}
+    decisions = decisions or {}
+    rows, skipped = [], {"unrated": 0, "rated bad, no correction": 0, "neutral": 0, "not ok": 0, "superseded": 0,
+                         "correction awaiting review": 0, "correction rejected in review": 0}
     for r in requests:
         if r["route"] != route or r["variant"] == "shadow":
             continue
@@ -44,9 +58,13 @@ def training_rows(requests: list[dict], feedback: list[dict], route: str) -> tup
             continue
         f = latest.get(r["request_id"])
         answer = None
+        corrected = bool(f and f.get("correction"))
+        if corrected and (state := correction_state(f, trusted_keys, decisions)) != "trusted":
+            skipped["correction awaiting review" if state == "pending" else "correction rejected in review"] += 1
+            continue
         if f is None:
             skipped["unrated"] += 1
-        elif f.get("correction"):
+        elif corrected:
             answer = f["correction"]
         elif f["rating"] > 0:
             answer = r["response"]
@@ -56,8 +74,8 @@ def training_rows(requests: list[dict], feedback: list[dict], route: str) -> tup
             # an assistant turn in the logged prompt came from the client, not from this app: context, no loss
             served = [{**m, "weight": 0} if m["role"] == "assistant" else m for m in r["messages"]]
             rows.append({"messages": [*served, {"role": "assistant", "content": answer}],
-                         "request_id": r["request_id"], "corrected": bool(f.get("correction")),
-                         "rank": (bool(f.get("correction")), f["time"])})
+                         "request_id": r["request_id"], "key_id": r.get("key_id"), "corrected": corrected,
+                         "rank": (corrected, f["time"])})
     best: dict[str, dict] = {}
     for row in rows:
         key = json.dumps(row["messages"][:-1], sort_keys=True)
@@ -77,7 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
     torn: list[Skipped] = []
     requests = read_log(cfg.serve.request_log, f.since, torn)
     feedback = read_log(cfg.serve.feedback_log, f.since, torn)
-    rows, skipped = training_rows(requests, feedback, route)
+    decisions = {d["request_id"]: d["decision"] for d in read_log(f.review_log, skipped=torn)}
+    rows, skipped = training_rows(requests, feedback, route, set(f.trusted_keys), decisions)
     print(f"{route}: {len(rows)} rows from {len(requests)} logged requests and {len(feedback)} feedback records; "
           f"left out: {skipped}")
     for t in torn:
@@ -90,6 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     lineage = {"source": "served traffic", "route": route, "since": f.since, "skipped": skipped,
                "unreadable_lines": [f"{t.path}:{t.line}: {t.reason}" for t in torn],
                "corrected": sum(r["corrected"] for r in rows)}
+    lineage["keys"] = {str(i): r["key_id"] for i, r in enumerate(rows, start=1)}  # who stands behind each row
     manifest = ingest(cfg, name, export.read_text().splitlines(), str(export), lineage,
                       {i: r["request_id"] for i, r in enumerate(rows, start=1)})
     return manifest

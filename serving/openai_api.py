@@ -95,6 +95,7 @@ def error(status: int, message: str, param: str | None = None, code: str | None 
 class APIError(Exception):
     """Raised anywhere in a handler; the app turns it into the OpenAI error object."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict | None = None):
         super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers

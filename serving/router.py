@@ -18,7 +18,7 @@ import json
 import logging
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -63,7 +63,7 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
 
 @app.exception_handler(APIError)
 async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-    return error(exc.status, exc.message, exc.param, exc.code)
+    return error(exc.status, exc.message, exc.param, exc.code, exc.headers)
 
 
 @app.exception_handler(LogWriteError)
@@ -111,6 +111,7 @@ class Router:
         self.feedback_log = JsonlLog(cfg.serve.feedback_log)
         self.recent: OrderedDict[str, dict] = OrderedDict()  # request id -> {key_id}, served here, for feedback
         self.shadows: set = set()  # shadow requests in flight (kept referenced until done)
+        self.feedback_times: dict[str | None, deque] = {}  # key id -> when its recent feedback posts came
 
     def _maybe_refresh(self) -> None:
         """Pick up promotions and rollout steps from the registry every serve.refresh_s, off the request path:
@@ -127,6 +128,7 @@ class Router:
     def _caller(self, request: Request, scope: str | None = None) -> Key | None:
         """The key this request presents, holding `scope` when one is given (AuthError: 401 or 403); None in
         keyless mode, where every caller is this machine."""
+        self._maybe_refresh()  # also when keys are all this request brings: a new key works from the next refresh
         if self.auth == "none":
             return None
         key = authenticate(self.keys, request.headers.get("authorization"))
@@ -183,6 +185,7 @@ class Router:
     async def feedback(self, body: FeedbackRequest, request: Request) -> dict:
         """Feedback on a request this same key made: nobody rates or corrects someone else's answers."""
         key = self._caller(request, "feedback")
+        self._limit_feedback(key.id if key else None)
         served = await asyncio.to_thread(self._served_to, body.request_id)
         if served is None:
             raise APIError(404, f"no request {body.request_id!r} was served here", "request_id", "unknown_request")
@@ -193,6 +196,17 @@ class Router:
         self.feedback_log.append({**body.model_dump(), "key_id": caller})
         self.metrics.feedback.inc(1, {"rating": str(body.rating)})
         return {"object": "feedback", "request_id": body.request_id, "recorded": True}
+
+    def _limit_feedback(self, key_id: str | None) -> None:
+        """At most serve.feedback_per_minute feedback posts per key and minute, per replica: 429 beyond."""
+        now, window = time.monotonic(), self.feedback_times.setdefault(key_id, deque())
+        while window and now - window[0] > 60:
+            window.popleft()
+        if len(window) >= self.cfg.serve.feedback_per_minute:
+            raise APIError(429, f"more than {self.cfg.serve.feedback_per_minute} feedback posts a minute from this "
+                                "key; wait and send again", code="rate_limit_exceeded",
+                           headers={"retry-after": str(int(61 - (now - window[0])))})
+        window.append(now)
 
     def _served_to(self, request_id: str) -> dict | None:
         """{key_id} of a request served here, or None when there was no such request."""

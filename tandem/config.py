@@ -294,6 +294,7 @@ class ServeConfig:
     log_retention_days: int = 90  # jobs.logs prune: request and feedback partitions older than this are deleted
     router_replicas: int = 1  # HTTP ingress replicas
     max_body_bytes: int = 1048576  # larger request bodies get 413 while they arrive, before any parsing
+    feedback_per_minute: int = 60  # feedback posts per key (keyless: all together) and minute, per router; 429 beyond
     router_max_ongoing_requests: int = 128  # per Router replica (Serve's default, 5, would cap the LLM's batches)
     ask: Optional[str] = None  # python -m serving: ask the first route this question once the app is up
     refresh_s: float = 5.0  # how often routers re-read aliases, weights and rollout state from the registry
@@ -335,6 +336,12 @@ class FeedbackConfig:
     since: Optional[str] = None  # YYYY-MM-DD; null: everything logged
     name: Optional[str] = None  # the dataset; null: <route>-feedback
     exports: str = "${workdir}/feedback-exports"  # the JSONL each run builds, kept as the version's source
+    # key ids (jobs.keys) whose corrections are trained on without review; keyless (loopback) feedback is the
+    # operator's own and needs none
+    trusted_keys: list = field(default_factory=list)
+    review_log: str = "${workdir}/feedback-review"  # jobs.review's accept/reject decisions, JSONL
+    id: Optional[str] = None  # jobs.review accept|reject: the request id whose correction is decided
+    reason: str = ""  # jobs.review: recorded with the decision
 
 
 @dataclass

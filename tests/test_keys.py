@@ -59,7 +59,7 @@ def test_keyless_serving_only_on_loopback(tmp_path):
 def secured(base_url, serve_cfg, tmp_path_factory):
     """A second Router, with auth.mode=keys, in front of the session app's LLM and Retriever (its own app on the
     same Serve proxy, under /secured): routes and registry as the session app's."""
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf, open_dict
     from ray import serve
 
     from serving.router import Router
@@ -70,8 +70,13 @@ def secured(base_url, serve_cfg, tmp_path_factory):
     tokens = {name: store.create(name, scopes)[1] for name, scopes in {
         "user": ["chat:assistant", "feedback", "retrieve:wiki"], "other": ["chat:assistant", "feedback"],
         "admin": ["admin"]}.items()}
+    # route `keyed` (base model, its own traffic) is this file's, so its feedback datasets hold only its requests
     cfg = OmegaConf.merge(serve_cfg, {"auth": {"mode": "keys", "keys_file": str(path)},
-                                      "serve": {"controller": False}})
+                                      "serve": {"controller": False, "feedback_per_minute": 4}})
+    OmegaConf.set_readonly(cfg, False)
+    with open_dict(cfg.serve.routes):
+        cfg.serve.routes.keyed = {"adapter": None}
+    OmegaConf.set_readonly(cfg, True)
     base = prepare_base(cfg.model.path, cfg.model.cache_dir, cfg.model.dtype)
     app_name = serve_cfg.serve.app_name
     serve.run(Router.bind(cfg, base, serve.get_deployment_handle("Retriever", app_name),
@@ -155,3 +160,43 @@ def test_a_revoked_key_stops_working_without_a_restart(secured):
             break
         assert time.monotonic() < deadline, "a revoked key still answered after 60 s"
         time.sleep(1)
+
+
+def test_corrections_from_untrusted_keys_wait_for_review_and_feedback_is_rate_limited(secured, tmp_path):
+    from jobs.feedback import main as feedback_main
+    from jobs.review import main as review_main
+
+    key, token = secured["store"].create("critic", ["chat:keyed", "feedback"])
+    c = openai.OpenAI(base_url=f"{secured['url']}/v1", api_key=token, max_retries=0, timeout=300)
+    deadline = time.monotonic() + 60
+    while True:  # a new key is taken at the router's next refresh
+        try:
+            replies = [c.chat.completions.create(model="keyed", max_tokens=4, messages=[
+                {"role": "user", "content": q}]) for q in ("Name a colour of the sea.", "Who wrote Hamlet?")]
+            break
+        except openai.AuthenticationError:
+            assert time.monotonic() < deadline, "a new key was not taken within 60 s"
+            time.sleep(1)
+    headers = {"authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=secured["url"], timeout=300, headers=headers) as http:
+        posts = [http.post("/v1/feedback", json={"request_id": r.id, "rating": -1, "correction": f"Fixed {i}"})
+                 for i, r in enumerate(replies)]
+        assert [p.status_code for p in posts] == [200, 200]
+        posts = [http.post("/v1/feedback", json={"request_id": replies[0].id, "rating": 1}) for _ in range(3)]
+        assert [p.status_code for p in posts] == [200, 200, 429]  # 4 a minute from one key
+        assert int(posts[-1].headers["retry-after"]) > 0 and posts[-1].json()["error"]["type"] == "rate_limit_error"
+    # the later rating replaced the first correction; the second correction waits for a person
+    common = ["route=keyed", f"feedback.exports={tmp_path}", "dataset.max_reject_fraction=1.0",
+              "dataset.eval_fraction=0.0"]
+    first = feedback_main([*common, "name=keyed-a"])
+    assert first["lineage"]["skipped"]["correction awaiting review"] == 1 and first["rows"]["total"] == 1
+    queue = review_main(["list", "route=keyed"])
+    assert [q["request_id"] for q in queue] == [replies[1].id] and queue[0]["key_id"] == key.id
+    assert queue[0]["correction"] == "Fixed 1"
+    review_main(["accept", f"id={replies[1].id}", "reason=checked by a person"])
+    assert review_main(["list", "route=keyed"]) == []
+    second = feedback_main([*common, "name=keyed-b"])
+    assert second["lineage"]["skipped"]["correction awaiting review"] == 0 and second["rows"]["total"] == 2
+    assert set(second["lineage"]["keys"].values()) == {key.id}  # the manifest says whose feedback each row is
+    with pytest.raises(ConfigError, match="no correction awaiting review"):
+        review_main(["reject", f"id={replies[1].id}"])

@@ -188,6 +188,29 @@ def test_prometheus_scrapes_the_port_ray_exports_metrics_on_and_grafana_reads_pr
     assert datasource["url"] == config_map("tandem-site")["RAY_PROMETHEUS_HOST"]
 
 
+def test_only_the_serve_port_is_reachable_from_outside_the_namespace():
+    policies = [doc["spec"] for _, doc in of_kind("NetworkPolicy")]
+    everyone = [p for p in policies if p["podSelector"] == {}]  # selects every pod in the namespace
+    assert everyone and all(p["policyTypes"] == ["Ingress"] for p in everyone)
+    assert all(rule.get("from") == [{"podSelector": {}}] for p in everyone for rule in p["ingress"])
+    opened = [p for p in policies if p["podSelector"] != {}]
+    (name, service), = of_kind("RayService")
+    port = yaml.safe_load(service["spec"]["serveConfigV2"])["http_options"]["port"]
+    for p in opened:  # beyond the namespace: the Serve proxy's port alone, on the pods KubeRay marks as serving
+        assert p["podSelector"] == {"matchLabels": {"ray.io/serve": "true"}}
+        assert all([x["port"] for x in rule["ports"]] == [port] for rule in p["ingress"])
+    assert all(doc["spec"].get("type", "ClusterIP") == "ClusterIP" for _, doc in of_kind("Service"))
+    assert "auth:\n  mode: keys" in (ROOT / "conf/site/cluster.yaml").read_text()  # and that port asks for API keys
+
+
+def test_grafana_has_no_anonymous_access_and_its_password_comes_from_a_secret():
+    (_, grafana), = [d for d in of_kind("Deployment") if d[1]["metadata"]["name"] == "grafana"]
+    env = {e["name"]: e for e in grafana["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"]["value"] == "false" and "GF_AUTH_ANONYMOUS_ORG_ROLE" not in env
+    assert env["GF_SECURITY_ADMIN_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "grafana-admin",
+                                                                              "key": "password"}
+
+
 def test_rayservice_serves_conf_serve_tandem_yaml_on_the_cluster_site(tmp_path):
     from ray.serve.schema import ServeDeploySchema
 

@@ -34,7 +34,7 @@ demo: setup
 	$(PY) -m jobs.dataset add name=grounded_qa path=.tandem/data/grounded_qa/grounded_qa.jsonl dataset.max_tokens=1024
 	$(PY) -m jobs.finetune dataset=grounded_qa@latest train.max_steps=$(DEMO_STEPS) train.batch_size=2 \
 		train.max_length=1024 train.lr=1e-3 train.checkpoint_every=20
-	$(PY) -m jobs.validate adapter=grounded_qa@candidate validate.max_questions=40 validate.retention_docs=16
+	$(PY) -m jobs.validate adapter=grounded_qa@candidate validate.retention_docs=16
 	$(PY) -m jobs.registry list
 	# serving: the validated adapter goes to production; the app answers the demo question and keeps serving
 	$(PY) -m jobs.registry alias registry.name=grounded_qa registry.alias=production registry.version=validated \

@@ -218,7 +218,7 @@ class RegistryConfig:
 class ValidateConfig:
     adapter: Optional[str] = None  # NAME@ALIAS or NAME@VERSION in the registry
     split: str = "test"  # the split of evaluate.qa asked: fixed and trusted, never the validated dataset's eval split
-    max_questions: int = 60  # test questions asked, spread over the question kinds
+    max_questions: int = 80  # test questions asked, taken in turn from each kind (16 unanswerable of 80)
     max_new_tokens: int = 64  # tokens generated per answer
     batch_size: int = 8  # questions per generate call
     bootstrap: int = 1000  # resamples for the intervals between base + RAG and tuned + RAG

@@ -23,7 +23,9 @@ from pathlib import Path
 
 from tandem.commandline import Job, run
 from tandem.config import require
+from tandem.data.dataset_store import DatasetStore
 from tandem.data.ingest import ingest
+from tandem.errors import ConfigError
 from tandem.requestlog import Skipped, read_log
 
 JOB = Job("feedback", __doc__, ("feedback", "serve.request_log", "serve.feedback_log", "dataset", "model"),
@@ -102,16 +104,18 @@ def main(argv: list[str] | None = None) -> dict:
     for t in torn:
         print(f"skipped line {t.line} of {t.path}: {t.reason}")
     if not rows:
-        raise SystemExit(f"error: no rated or corrected answers for route {route!r} since {f.since or 'the start'}")
+        raise ConfigError(f"no rated or corrected answers for route {route!r} since {f.since or 'the start'}")
     export = Path(f.exports).expanduser() / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
-    export.parent.mkdir(parents=True, exist_ok=True)
-    export.write_text("".join(json.dumps({"messages": r["messages"]}, ensure_ascii=False) + "\n" for r in rows))
     lineage = {"source": "served traffic", "route": route, "since": f.since, "skipped": skipped,
                "unreadable_lines": [f"{t.path}:{t.line}: {t.reason}" for t in torn],
-               "corrected": sum(r["corrected"] for r in rows)}
-    lineage["keys"] = {str(i): r["key_id"] for i, r in enumerate(rows, start=1)}  # who stands behind each row
-    manifest = ingest(cfg, name, export.read_text().splitlines(), str(export), lineage,
-                      {i: r["request_id"] for i, r in enumerate(rows, start=1)})
+               "corrected": sum(r["corrected"] for r in rows),
+               "keys": {str(i): r["key_id"] for i, r in enumerate(rows, start=1)}}  # who stands behind each row
+    lines = [json.dumps({"messages": r["messages"]}, ensure_ascii=False) for r in rows]
+    manifest = ingest(cfg, name, lines, str(export), lineage, {i: r["request_id"] for i, r in enumerate(rows, 1)})
+    # the export is what was stored, after validation: a dropped row is not on disk, a redacted one only redacted
+    stored = DatasetStore(cfg.dataset.root).resolve(f"{name}@{manifest['version']}").rows()
+    export.parent.mkdir(parents=True, exist_ok=True)
+    export.write_text("".join(json.dumps({"messages": r["messages"]}, ensure_ascii=False) + "\n" for r in stored))
     return manifest
 
 

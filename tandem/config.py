@@ -155,7 +155,7 @@ class DatasetConfig:
     eval_fraction: float = 0.1  # share of rows held out for evaluation
     max_tokens: int = 1024  # a longer row is rejected or truncated (on_too_long)
     on_too_long: str = "reject"  # reject | truncate (cuts the last assistant turn to fit)
-    pii: str = "flag"  # flag | drop | off
+    pii: str = "flag"  # likely secrets and personal data: flag (kept, flagged) | drop (rejected) | redact | off
     near_duplicate_threshold: float = 0.9  # Jaccard similarity of word 3-shingles
     max_reject_fraction: float = 0.2  # above it the job fails (after writing the report)
 

@@ -9,7 +9,7 @@ import pytest
 from jobs.dataset import main as dataset_main
 from tandem.data.dataset_store import DatasetStore
 from tandem.data.validation import validate_rows
-from tandem.errors import RejectedDataError
+from tandem.errors import ConfigError, RejectedDataError
 
 
 def chat(user: str, answer: str, **extra) -> str:
@@ -91,6 +91,20 @@ def test_turns_of_weight_zero_are_context_without_loss(tmp_path):
     ids, labels = chat_features(tokenizer, stored, 256)
     learned = tokenizer.decode([t for t in labels if t != IGNORE])
     assert "Served words" in learned and "Forged" not in learned and len(ids) == len(labels)
+
+
+def test_redact_keeps_the_row_without_the_secret():
+    lines = [chat("Who do I mail?", "Write to jane.doe@example.com, card 4111 1111 1111 1111, key AKIAABCDEFGHIJKLMNOP"),
+             chat("Order number?", "It is 4111 1111 1111 1112.")]  # fails Luhn: not a card, kept as written
+    result = validate_rows(lines, count_words, max_tokens=40, pii="redact", eval_fraction=0.0)
+    answer = result.rows[0]["messages"][-1]["content"]
+    assert answer == ("Write to [REDACTED email address], card [REDACTED payment card number], key "
+                      "[REDACTED AWS access key]")
+    assert result.rows[0]["flags"] == ["redacted AWS access key", "redacted email address",
+                                       "redacted payment card number"]
+    assert result.rows[1]["messages"][-1]["content"] == "It is 4111 1111 1111 1112." and not result.rejected
+    with pytest.raises(ConfigError, match="dataset.pii=redcat"):
+        validate_rows(lines, count_words, max_tokens=40, pii="redcat")
 
 
 def test_flag_truncate_near_duplicates_and_split_overlap():

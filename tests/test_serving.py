@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -218,6 +219,7 @@ def test_feedback_job_turns_rated_traffic_into_a_dataset_version(http, serve_cfg
     version = DatasetStore(serve_cfg.dataset.root).resolve(f"assistant-feedback@{manifest['version']}")
     rejected = (version.path / "rejected.jsonl").read_text()
     assert ids["phone"] in rejected and "phone number" in rejected
+    assert "555-123-4567" not in Path(manifest["source"]).read_text()  # the kept export honours `drop` too
     rows = version.rows()
     assert fixed in {r["messages"][-1]["content"] for r in rows}
     assert all(r["messages"][1]["content"].startswith("Context:\n[1] ") for r in rows)

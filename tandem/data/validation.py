@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tandem.errors import ConfigError
+
 ROLES = ("system", "user", "assistant")
 
 # Patterns for data that must not be trained into a model. Each is (name, regex); cards are Luhn-checked below.
@@ -119,6 +121,15 @@ def find_secrets(messages: list[dict]) -> list[str]:
     return found
 
 
+def redact(text: str) -> str:
+    """Each likely secret or piece of personal data replaced by `[REDACTED <what>]`: the row keeps its shape and
+    the model learns that such things are not repeated, without ever seeing them."""
+    for name, pattern in SECRET_PATTERNS:
+        text = pattern.sub(f"[REDACTED {name}]", text)
+    return CARD.sub(lambda m: "[REDACTED payment card number]" if _luhn(re.sub(r"\D", "", m.group())) else m.group(),
+                    text)
+
+
 def _luhn(digits: str) -> bool:
     if not 13 <= len(digits) <= 19:
         return False
@@ -180,6 +191,8 @@ def validate_rows(lines: list[str], count_tokens, *, max_tokens: int, on_too_lon
                   truncate=None) -> ValidationResult:
     """Validate JSONL lines. `count_tokens(messages)` measures a row as it will be trained (chat template);
     `truncate(messages, max_tokens)` shortens the last assistant turn to fit, or returns None when it cannot."""
+    if pii not in ("flag", "drop", "redact", "off"):
+        raise ConfigError(f"dataset.pii={pii}; expected flag, drop, redact or off")
     result = ValidationResult()
     exact: dict[str, int] = {}
     near = NearDuplicates(near_duplicate_threshold)
@@ -211,6 +224,9 @@ def validate_rows(lines: list[str], count_tokens, *, max_tokens: int, on_too_lon
         if flags and pii == "drop":
             result.rejected.append(Rejected(n, f"likely secret or personal data: {', '.join(flags)}"))
             continue
+        if flags and pii == "redact":
+            messages = [{**m, "content": redact(m["content"])} for m in messages]
+            flags = [f"redacted {f}" for f in flags]
         text = normalized_text(messages)
         key = hashlib.sha256(text.encode()).hexdigest()
         split = split or ("eval" if _bucket(key) < eval_fraction else "train")

@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_QUERY ?= Which film did Stanley Kubrick make with Arthur C. Clarke?
 DEMO_STEPS ?= 60
-DEMO_ROWS ?= 400
+DEMO_ROWS ?= 600
 
 .PHONY: setup demo serve test bench clean
 

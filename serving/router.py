@@ -150,7 +150,6 @@ class Router:
     async def models(self, request: Request) -> dict:
         """Routes and the versions serving on them; every registered version for an admin key."""
         key = self._caller(request)
-        self._maybe_refresh()
         data = self.table.models()
         if key is not None and not key.allows("admin"):
             data = [m for m in data if m["tandem"]["kind"] == "route"
@@ -231,7 +230,6 @@ class Router:
     async def chat(self, body: ChatCompletionRequest, request: Request):
         started = time.perf_counter()
         key = self._caller(request)
-        self._maybe_refresh()
         try:
             choice = self.table.choose(body.model, body.user)
         except RouteError as e:

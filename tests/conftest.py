@@ -14,6 +14,13 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 DATA = Path(__file__).parent / "data"
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """Test files that talk to the session's Serve app run after all others: the app holds CPUs of this 2-CPU
+    cluster that indexing and training jobs tested elsewhere need, and such a job would wait for them forever."""
+    with_app = {item.path for item in items if "base_url" in item.fixturenames}
+    items.sort(key=lambda item: item.path in with_app)  # stable: files and tests keep their order in each group
+
+
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tandem")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import getpass
 import sys
 
+from jobs.feedback import correction_state
 from tandem.commandline import Job, run
 from tandem.config import require
 from tandem.errors import ConfigError
@@ -27,14 +28,14 @@ JOB = Job("review", __doc__, ("feedback", "serve.request_log", "serve.feedback_l
 def pending(cfg) -> list[dict]:
     """Corrections from untrusted keys without a decision, newest last, each with what was asked and served."""
     f = cfg.feedback
-    decided = {d["request_id"] for d in read_log(f.review_log)}
+    decisions = {d["request_id"]: d["decision"] for d in read_log(f.review_log)}
     served = {r["request_id"]: r for r in read_log(cfg.serve.request_log)}
     latest = {x["request_id"]: x for x in read_log(cfg.serve.feedback_log)}
     out = []
     for request_id, x in latest.items():
         r = served.get(request_id)
-        if not x.get("correction") or x.get("key_id") is None or x["key_id"] in f.trusted_keys or \
-                request_id in decided or r is None or (f.route and r["route"] != f.route):
+        if not x.get("correction") or correction_state(x, set(f.trusted_keys), decisions) != "pending" or \
+                r is None or (f.route and r["route"] != f.route):
             continue
         out.append({"request_id": request_id, "route": r["route"], "key_id": x["key_id"],
                     "question": r["messages"][-1]["content"], "served": r["response"], "correction": x["correction"]})

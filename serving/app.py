@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import BackpressureConfig
 
 from serving.llm import LLM
 from serving.retriever import Retriever
@@ -30,17 +31,23 @@ def build_app(cfg) -> Application:
         raise ValueError(f"store.uri={cfg.store.uri} is Milvus Lite, which one process opens: use one retriever "
                          f"replica (no autoscaling) or a Milvus server URI (http://...)")
     retriever = serve.deployment(Retriever).options(
-        name="Retriever", max_ongoing_requests=s.retriever.max_ongoing_requests, **_scaling(s.retriever),
+        name="Retriever", max_ongoing_requests=s.retriever.max_ongoing_requests,
+        max_queued_requests=s.retriever.max_queued_requests, **_scaling(s.retriever),
         ray_actor_options={"num_cpus": s.retriever.num_cpus},
     ).bind(cfg)
     llm = serve.deployment(LLM).options(
-        name="LLM", max_ongoing_requests=s.llm.max_ongoing_requests, **_scaling(s.llm),
+        name="LLM", max_ongoing_requests=s.llm.max_ongoing_requests, max_queued_requests=s.llm.max_queued_requests,
+        **_scaling(s.llm),
         ray_actor_options={"num_cpus": s.llm.num_cpus, "num_gpus": s.llm.num_gpus},
     ).bind(cfg, base)
     controller = serve.deployment(RolloutController).options(
         name="RolloutController", num_replicas=1, ray_actor_options={"num_cpus": 0}).bind(cfg) if s.controller else None
-    return Router.options(num_replicas=s.router_replicas, max_ongoing_requests=s.router_max_ongoing_requests).bind(
-        cfg, base, retriever, llm, controller)
+    # A full queue answers 429 with Retry-After, from the proxy (Router) or from the Router (LLM, Retriever): the
+    # client is told to come back instead of waiting in a queue it cannot see the end of.
+    return Router.options(num_replicas=s.router_replicas, max_ongoing_requests=s.router_max_ongoing_requests,
+                          max_queued_requests=s.router_max_queued_requests,
+                          backpressure_config=BackpressureConfig(status_code=429, retry_after_s=s.retry_after_s),
+                          ).bind(cfg, base, retriever, llm, controller)
 
 
 def _scaling(d) -> dict:

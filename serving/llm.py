@@ -6,7 +6,9 @@
 - Requests for different adapters share one batch (`@serve.batch`) and one forward pass per step: PEFT's
   mixed-adapter batches (`adapter_names=`) route each row through its own LoRA weights (the S-LoRA/Punica idea),
   instead of serving one adapter at a time.
-- Each request streams token events; a request's row stops on EOS, its max_tokens or a stop string.
+- Each request streams token events; a request's row stops on EOS, its max_tokens or a stop string, or when its
+  caller goes away (the Router cancels the call; the row stops at the next step, and a batch whose callers have all
+  gone stops generating).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class LLM:
         self.peft = None  # the PeftModel around the base, made when the first adapter arrives
         self.lock = threading.Lock()  # generation vs adapter load/delete
         self.loads = self.evictions = 0
+        self.cancelled = 0  # rows stopped before their end because their caller went away
         # adapter id -> (when, message): a load that failed is not retried for every request (a download and a
         # checksum of the weights each time) until serve.llm.retry_failed_adapter_s have passed
         self.failures: dict[str, tuple[float, str]] = {}
@@ -116,8 +119,8 @@ class LLM:
 
     def stats(self) -> dict:
         return {"loaded": self.loaded(), "loads": self.loads, "evictions": self.evictions,
-                "max_adapters": self.max_adapters, "generate_calls": self.passes, "most_rows": self.most_rows,
-                "most_adapters_in_one_call": self.most_adapters}
+                "max_adapters": self.max_adapters, "cancelled": self.cancelled, "generate_calls": self.passes,
+                "most_rows": self.most_rows, "most_adapters_in_one_call": self.most_adapters}
 
     # generation
     def _groups(self, requests: list[dict]) -> list[list[int]]:
@@ -185,9 +188,13 @@ class LLM:
             stream = start_stream(model, self.tokenizer, completions, names, self.lock)
             steps = stream.events()
             while (step := await asyncio.to_thread(next, steps, None)) is not None:
+                for row, i in enumerate(rows):
+                    if requests[i].get("cancelled") and not done[i]:
+                        stream.cancel(row)
+                        done[i], self.cancelled = True, self.cancelled + 1
                 events = [StopIteration if done[i] else {"text": ""} for i in range(n)]
                 for i, event in zip(rows, step):
-                    if event is not None:
+                    if event is not None and not done[i]:
                         events[i] = event
                 yield events
                 for i, event in zip(rows, step):
@@ -195,5 +202,9 @@ class LLM:
                         done[i] = True
 
     async def __call__(self, request: dict):
-        async for event in self.generate(request):
-            yield event
+        try:
+            async for event in self.generate(request):
+                yield event
+        except (asyncio.CancelledError, GeneratorExit):  # the caller went away: its row stops at the next step
+            request["cancelled"] = True
+            raise

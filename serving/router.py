@@ -24,6 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException
 
 from serving.limits import BodyLimit
@@ -79,6 +80,12 @@ async def _auth_error(request: Request, exc: AuthError) -> JSONResponse:
     code = "invalid_api_key" if exc.status == 401 else "insufficient_scope"
     return error(exc.status, exc.message, code=code,
                  headers={"www-authenticate": "Bearer"} if exc.status == 401 else None)
+
+
+async def _chain(first: dict, events):
+    yield first
+    async for event in events:
+        yield event
 
 
 def _usage(last: dict, prompt_tokens: int) -> dict:
@@ -176,9 +183,18 @@ class Router:
         try:
             return await self.retriever.remote({"query": query, "collection": collection, "k": k, "mode": mode,
                                                 "filter": filter})
+        except BackPressureError as e:
+            raise self._busy("retriever", e) from None
         except ValueError as e:  # unknown collection, bad filter, mode without BM25: the caller's to fix
             cause = getattr(e, "cause", None) or e  # the replica's own exception inside Ray's wrapper
             raise APIError(400, " ".join(str(cause).split()) or "invalid retrieval request") from None
+
+    def _busy(self, what: str, e: BackPressureError) -> APIError:
+        """A full queue (serve.*.max_queued_requests): 429 and when to come back, not a wait without end."""
+        logger.warning("%s queue full: %s", what, e)
+        return APIError(429, f"the server is at capacity (the {what} queue is full); retry after "
+                             f"{self.cfg.serve.retry_after_s:g} s", code="server_busy",
+                        headers={"retry-after": str(max(1, round(self.cfg.serve.retry_after_s)))})
 
     @app.post("/v1/feedback")
     async def feedback(self, body: FeedbackRequest, request: Request) -> dict:
@@ -283,30 +299,48 @@ class Router:
             shadow = {**record, "variant": "shadow", "adapter": route.canary,
                       "request_id": f"shadow-{request_id.removeprefix('chatcmpl-')}", "shadow_of": request_id}
             self.shadows.add(asyncio.create_task(self._shadow({**payload, "adapter": route.canary}, shadow, sources)))
+        try:  # the first event before any answer is sent: a full queue or an unloadable adapter is a status code
+            first = await events.__anext__()
+            if "error" in first:
+                raise APIError(503, first["error"], code="adapter_unavailable")
+        except BackPressureError as e:  # nothing was served: not logged as an answer, and not the canary's fault
+            raise self._busy("LLM", e) from None
+        except BaseException as e:
+            raise self._failed(e, events, record, started, "", {}, sources) from None
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self._sse(events, body.model, sources, meta, record, started, include_usage),
-                                     media_type="text/event-stream", headers=headers)
-        text, last = "", {}
+            return StreamingResponse(self._sse(first, events, body.model, sources, meta, record, started,
+                                               include_usage), media_type="text/event-stream", headers=headers)
+        text, last = first["text"], first
         try:
             async for event in events:
                 if "error" in event:
                     raise APIError(503, event["error"], code="adapter_unavailable")
-                text, last = text + event["text"], event if event.get("finish_reason") else last
-        except Exception as e:  # the server's fault, not the caller's: 503, and logged for the rollout gates
-            if not isinstance(e, APIError):  # the details (a Ray traceback, pids, addresses) stay in the server log
-                logger.exception("request %s: generation failed", request_id)
-            error = e if isinstance(e, APIError) else APIError(
-                503, f"generation failed; the server log has the details under {request_id}", code="llm_unavailable")
-            self._log(record, started, text, last, sources, status="error", error=f"{type(e).__name__}: {e}"[:2000])
-            raise error from None
+                text, last = text + event["text"], event
+        except BaseException as e:
+            raise self._failed(e, events, record, started, text, last, sources) from None
         format_valid = self._log(record, started, text, last, sources)
         completion = {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": body.model,
                       "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                   "finish_reason": last.get("finish_reason", "stop")}],
+                                   "finish_reason": last.get("finish_reason") or "stop"}],
                       "usage": _usage(last, prompt_tokens), "sources": sources,
                       "tandem": {**meta, "format_valid": format_valid}}
         return JSONResponse(completion, headers=headers)
+
+    def _failed(self, e: BaseException, events, record: dict, started: float, text: str, last: dict,
+                sources: list[dict]) -> BaseException:
+        """Log an answer that did not complete, and what to raise: the client left (Serve cancels the handler), so
+        generation is cancelled too; else the server's fault, 503, an error for the rollout gates."""
+        if isinstance(e, asyncio.CancelledError):
+            events.cancel()  # the LLM replica stops generating this row
+            self._log(record, started, text, last, sources, status="disconnected")
+            return e
+        if not isinstance(e, APIError):  # the details (a Ray traceback, pids, addresses) stay in the server log
+            logger.exception("request %s: generation failed", record["request_id"])
+        self._log(record, started, text, last, sources, status="error", error=f"{type(e).__name__}: {e}"[:2000])
+        return e if isinstance(e, APIError) else APIError(
+            503, f"generation failed; the server log has the details under {record['request_id']}",
+            code="llm_unavailable")
 
     def _prompt(self, messages: list[dict]) -> tuple[str, int]:
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -330,7 +364,7 @@ class Router:
             logger.error("shadow answer not logged: %s", e)
         self.shadows.discard(asyncio.current_task())
 
-    async def _sse(self, events, model: str, sources: list, meta: dict, record: dict, started: float,
+    async def _sse(self, first: dict, events, model: str, sources: list, meta: dict, record: dict, started: float,
                    include_usage: bool):
         chunk = {"id": meta["request_id"], "object": "chat.completion.chunk", "created": int(time.time()),
                  "model": model}
@@ -342,17 +376,15 @@ class Router:
         try:
             yield sse([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
                       sources=sources, tandem=meta)
-            async for event in events:
+            async for event in _chain(first, events):
                 if "error" in event:
                     status, message = "error", event["error"]
                     yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error'}})}\n\n"
                     return
-                text += event["text"]
+                text, last = text + event["text"], event
                 if event["text"]:
                     yield sse([{"index": 0, "delta": {"content": event["text"]}, "finish_reason": None}])
-                if event.get("finish_reason"):
-                    last = event
-            yield sse([{"index": 0, "delta": {}, "finish_reason": last.get("finish_reason", "stop")}])
+            yield sse([{"index": 0, "delta": {}, "finish_reason": last.get("finish_reason") or "stop"}])
             if include_usage:
                 yield sse([], usage=_usage(last, 0))
             yield "data: [DONE]\n\n"
@@ -362,6 +394,8 @@ class Router:
             status, message = "error", f"{type(e).__name__}: {e}"[:2000]
             yield f"data: {json.dumps({'error': {'message': 'generation failed', 'type': 'server_error'}})}\n\n"
         finally:  # also when the client goes away mid-stream: what was generated is still logged
+            if status == "disconnected":
+                events.cancel()  # the LLM replica stops generating this row
             try:
                 self._log(record, started, text, last, sources, status=status, error=message)
             except LogWriteError as e:  # the stream has been sent: the operator's log is all that can say so

@@ -258,6 +258,8 @@ class LLMServeConfig:
     max_batch_size: int = 8  # requests of any adapters batched into one forward pass
     batch_wait_timeout_s: float = 0.05  # how long a batch waits to fill
     max_ongoing_requests: int = 32  # requests one replica accepts at once (Serve backpressure)
+    # requests each router may hold waiting for a free LLM replica; beyond: 429 with Retry-After (-1: no limit)
+    max_queued_requests: int = 32
     max_new_tokens: int = 512  # the largest max_tokens a request may ask for
     default_max_tokens: int = 128  # max_tokens when a request gives none
     max_context: int = 0  # prompt + completion tokens; 0: the model's max_position_embeddings
@@ -274,6 +276,7 @@ class RetrieverServeConfig:
     batch_wait_timeout_s: float = 0.01  # how long a batch waits to fill
     max_k: int = 50  # the largest k a request may ask for
     max_ongoing_requests: int = 64  # requests one replica accepts at once
+    max_queued_requests: int = 128  # per router, waiting for a free Retriever replica; beyond: 429 (-1: no limit)
     autoscaling: dict = field(default_factory=dict)  # Serve's autoscaling_config; empty: num_replicas
     max_replicas_per_node: Optional[int] = None  # spread replicas over nodes
 
@@ -296,6 +299,8 @@ class ServeConfig:
     max_body_bytes: int = 1048576  # larger request bodies get 413 while they arrive, before any parsing
     feedback_per_minute: int = 60  # feedback posts per key (keyless: all together) and minute, per router; 429 beyond
     router_max_ongoing_requests: int = 128  # per Router replica (Serve's default, 5, would cap the LLM's batches)
+    router_max_queued_requests: int = 256  # per HTTP proxy, waiting for a free Router; beyond: 429 (-1: no limit)
+    retry_after_s: float = 2.0  # the Retry-After of a 429 for a full queue
     ask: Optional[str] = None  # python -m serving: ask the first route this question once the app is up
     refresh_s: float = 5.0  # how often routers re-read aliases, weights and rollout state from the registry
     controller: bool = True  # run the rollout controller in the app

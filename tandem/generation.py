@@ -110,6 +110,11 @@ class BatchStream(BaseStreamer):
         return {"text": delta, "finish_reason": self.finish[i], "prompt_tokens": self.prompt_tokens[i],
                 "completion_tokens": len(self.ids[i])}
 
+    def cancel(self, i: int) -> None:
+        """Stop row i at the next step (its caller went away); once every row has stopped, generation ends."""
+        if self.finish[i] is None:
+            self.finish[i] = "cancelled"
+
     def end(self) -> None:
         self.queue.put(None)
 

@@ -128,3 +128,61 @@ def test_big_bodies_and_long_or_many_messages_are_refused_before_any_work(http):
     assert time.perf_counter() - started < 30  # none of them was tokenized or generated for
     assert http.post("/v1/chat/completions", json={"model": "chat", "max_tokens": 1,
                                                    "messages": [user]}).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def busy(base_url, serve_cfg):
+    """A second app (its own LLM replica, no controller) that holds one request and queues one more: what a full
+    server does, without filling the session app."""
+    from omegaconf import OmegaConf
+    from ray import serve
+
+    from serving.app import build_app
+
+    cfg = OmegaConf.merge(serve_cfg, {"serve": {
+        "app_name": "busy", "controller": False, "retry_after_s": 3, "retriever": {"num_cpus": 0.1},
+        "llm": {"max_ongoing_requests": 1, "max_queued_requests": 1, "max_batch_size": 1, "num_cpus": 0.25}}})
+    serve.run(build_app(cfg), name="busy", route_prefix="/busy")
+    yield {"url": f"{base_url}/busy", "llm": serve.get_deployment_handle("LLM", "busy"), "cfg": cfg}
+    serve.delete("busy")
+
+
+def long_answer(stream: bool = False) -> dict:
+    return {"model": "chat", "max_tokens": 48, "ignore_eos": True, "stream": stream,
+            "messages": [{"role": "user", "content": "Count to a hundred."}]}
+
+
+def test_a_full_queue_answers_429_with_retry_after(busy):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    with httpx.Client(base_url=busy["url"], timeout=300) as http, ThreadPoolExecutor(6) as pool:
+        replies = list(pool.map(lambda _: http.post("/v1/chat/completions", json=long_answer()), range(6)))
+    codes = sorted(r.status_code for r in replies)
+    assert codes.count(200) >= 1 and codes.count(429) >= 2 and set(codes) == {200, 429}, codes
+    refused = next(r for r in replies if r.status_code == 429)
+    assert refused.headers["retry-after"] == "3" and refused.json()["error"]["code"] == "server_busy"
+    assert "queue is full" in refused.json()["error"]["message"]
+
+
+def test_generation_stops_for_a_client_that_went_away(busy):
+    """The LLM replica holds one request: if a departed client's row went on generating, the next one would wait."""
+    import httpx
+
+    llm = busy["llm"]
+    before = llm.stats.remote().result()["cancelled"]
+    with httpx.Client(base_url=busy["url"], timeout=300) as http:
+        with http.stream("POST", "/v1/chat/completions", json=long_answer(stream=True)) as reply:
+            assert reply.status_code == 200
+            request_id = reply.headers["x-tandem-request-id"]
+            lines = reply.iter_lines()
+            while '"content": ""' in (line := next(lines)) or not line.startswith("data:"):
+                pass  # up to the first generated text, then the client hangs up
+        deadline = time.monotonic() + 60
+        while llm.stats.remote().result()["cancelled"] == before:
+            assert time.monotonic() < deadline, "the replica never stopped generating for the departed client"
+            time.sleep(0.2)
+        assert http.post("/v1/chat/completions", json={**long_answer(), "max_tokens": 1}).status_code == 200
+    logged = next(r for r in read_log(busy["cfg"].serve.request_log) if r["request_id"] == request_id)
+    assert logged["status"] == "disconnected" and logged["completion_tokens"] < 48

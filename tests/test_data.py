@@ -94,7 +94,8 @@ def test_turns_of_weight_zero_are_context_without_loss(tmp_path):
 
 
 def test_redact_keeps_the_row_without_the_secret():
-    lines = [chat("Who do I mail?", "Write to jane.doe@example.com, card 4111 1111 1111 1111, key AKIAABCDEFGHIJKLMNOP"),
+    lines = [chat("Who do I mail?",
+                  "Write to jane.doe@example.com, card 4111 1111 1111 1111, key AKIAABCDEFGHIJKLMNOP"),
              chat("Order number?", "It is 4111 1111 1111 1112.")]  # fails Luhn: not a card, kept as written
     result = validate_rows(lines, count_words, max_tokens=40, pii="redact", eval_fraction=0.0)
     answer = result.rows[0]["messages"][-1]["content"]

@@ -263,3 +263,64 @@ def test_ray_up_config_passes_rays_own_checks():
     types = config["available_node_types"]
     assert types[config["head_node_type"]]["resources"] == {"CPU": 0}
     assert [t for t in types.values() if t["resources"].get("GPU")], "no GPU worker type"
+
+
+def pod_specs() -> list[tuple[str, dict]]:
+    """(where, pod spec) of every pod template here: Deployments, StatefulSets and every Ray group."""
+    plain = [(f"{name}:{doc['metadata']['name']}", doc["spec"]["template"]["spec"])
+             for name, doc in of_kind("Deployment") + of_kind("StatefulSet")]
+    return plain + [(f"{name}:{group.get('groupName', 'head')}", group["template"]["spec"])
+                    for name, group in ray_groups()]
+
+
+READ_ONLY_ROOT = {"grafana", "prometheus"}  # the rest write beside their binaries or under /tmp (Ray's sessions)
+
+
+def test_every_pod_runs_as_a_user_without_privileges():
+    for where, pod in pod_specs():
+        context = pod["securityContext"]
+        assert context["runAsNonRoot"] is True and context["runAsUser"] > 0, where
+        assert context["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        for container in pod["containers"]:
+            own = container["securityContext"]
+            assert own["allowPrivilegeEscalation"] is False and own["capabilities"] == {"drop": ["ALL"]}, where
+            assert own["readOnlyRootFilesystem"] is (container["name"] in READ_ONLY_ROOT), where
+            if own["readOnlyRootFilesystem"]:  # what it writes is a volume
+                volumes = {v["name"]: v for v in pod["volumes"]}
+                writable = {m["mountPath"] for m in container["volumeMounts"]
+                            if "emptyDir" in volumes[m["name"]] or "persistentVolumeClaim" in volumes[m["name"]]}
+                assert writable, where
+    milvus = yaml.safe_load((CLUSTER / "milvus/values-distributed.yaml").read_text())
+    assert milvus["securityContext"]["runAsNonRoot"] is True
+    assert milvus["minio"]["existingSecret"] == "minio-credentials"  # never the chart's minioadmin/minioadmin
+
+
+def test_serving_pods_read_api_keys_and_the_user_hmac_key_from_secrets():
+    from tandem.config import load_config
+
+    keys_file = Path(load_config("serve", ["site=cluster"]).auth.keys_file)
+    (name, service), = of_kind("RayService")
+    spec = service["spec"]["rayClusterConfig"]
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:  # a Router replica may land on any of them
+        pod = group["template"]["spec"]
+        secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+        mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] in secrets)
+        assert secrets[mount["name"]] == "tandem-api-keys" and mount["readOnly"] is True
+        assert Path(mount["mountPath"]) == keys_file.parent
+        env = {e["name"]: e for e in pod["containers"][0]["env"]}
+        assert env["TANDEM_USER_HMAC_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "tandem-user-hmac"
+
+
+def test_ray_up_publishes_nothing_on_all_interfaces_and_shares_nothing_world_writable():
+    text = (CLUSTER / "aws.yaml").read_text()
+    config = yaml.safe_load(text)
+    commands = " ".join(str(c) for key in ("initialization_commands", "head_start_ray_commands",
+                                          "worker_start_ray_commands") for c in config[key])
+    commands += " ".join(c for t in config["available_node_types"].values()
+                         for c in t.get("initialization_commands", []))
+    words = shlex.split(commands.replace("$(hostname -I | cut -d' ' -f1)", "PRIVATE_IP"))
+    published = [after for before, after in zip(words, words[1:]) if before == "-p" and ":" in after]  # docker run
+    assert len(published) == 3 and all(p.startswith("PRIVATE_IP:") for p in published), published
+    assert "--dashboard-host=127.0.0.1" in commands and "--dashboard-host=0.0.0.0" not in commands
+    modes = [m for m in commands.split() if m.isdigit() and len(m) in (3, 4)]
+    assert "chmod" in commands and all(int(m[-1]) & 2 == 0 for m in modes), modes  # no write for others

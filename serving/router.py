@@ -107,11 +107,11 @@ class Router:
         self.base_name = base_model_name(cfg.model.path)
         self.tokenizer = load_tokenizer(base)
         self.max_context = cfg.serve.llm.max_context or AutoConfig.from_pretrained(base.path).max_position_embeddings
-        self.table = RouteTable(cfg.serve.routes, Registry.from_config(cfg), self.base_name)
+        self.user_secret = user_secret(cfg.auth.user_key_file)
+        self.table = RouteTable(cfg.serve.routes, Registry.from_config(cfg), self.base_name, self.user_secret)
         self.key_store = KeyStore(cfg.auth.keys_file)
         self.auth = auth_mode(cfg.auth.mode, cfg.serve.host, self.key_store)
         self.keys = self.key_store.active() if self.auth == "keys" else {}
-        self.user_secret = user_secret(cfg.auth.user_key_file)
         self.refreshed, self.refreshing = time.monotonic(), None
         self.metrics = RouterMetrics()
         self.requests = JsonlLog(cfg.serve.request_log)
@@ -247,7 +247,7 @@ class Router:
         started = time.perf_counter()
         key = self._caller(request)
         try:
-            choice = self.table.choose(body.model, body.user)
+            choice = self.table.choose(body.model, body.user, key.id if key else None)
         except RouteError as e:
             raise APIError(e.status, e.message, "model", "model_not_found" if e.status == 404 else None) from None
         authorize(key, f"chat:{choice.route.name}")

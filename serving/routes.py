@@ -46,10 +46,11 @@ class Choice:
 
 
 class RouteTable:
-    def __init__(self, routes_cfg, registry, base_name: str):
+    def __init__(self, routes_cfg, registry, base_name: str, secret: bytes):
         self.routes_cfg = routes_cfg
         self.registry = registry
         self.base_name = base_name
+        self.secret = secret  # keys the canary assignment (tandem.canary)
         self.routes: dict[str, Route] = {}
         self.pins: dict[tuple[str, str], str | None] = {}
         self.versions: list[dict] = []
@@ -85,7 +86,7 @@ class RouteTable:
         return Route(name, cfg, production, canary if canary != production else None, float(weight),
                      shadow=bool(rollout and rollout.state == "shadow"))
 
-    def choose(self, model: str, user: str | None) -> Choice:
+    def choose(self, model: str, user: str | None, key_id: str | None = None) -> Choice:
         """The variant for this request; raises RouteError (404: unknown model or version)."""
         name, _, pin = model.partition("@")
         route = self.routes.get(name) or next((r for r in self.routes.values() if r.cfg.adapter == name and pin),
@@ -104,7 +105,7 @@ class RouteTable:
                 raise RouteError(404, f"The model {model!r} does not exist: {route.cfg.adapter!r} has no version "
                                       f"or alias {pin!r}")
             return Choice(route, "pinned", adapter)
-        if route.canary and assign(route.name, user, route.weight) == CANARY:
+        if route.canary and assign(route.name, user, route.weight, self.secret, key_id) == CANARY:
             return Choice(route, CANARY, route.canary)
         return Choice(route, route.default_variant, route.production)
 

@@ -1,7 +1,9 @@
-"""Which variant of a route a user gets: a deterministic hash of the user, so a user stays on one variant.
+"""Which variant of a route a user gets: a keyed hash of the caller (API key id and `user`), so a user stays on one
+variant, and nobody can work out offline which `user` values land on the canary (the hash needs the server's secret).
 
 The bucket is uniform in [0, 1); users below the canary weight get the canary. Raising the weight only moves users
-from production to canary (never back), which is what a progressive rollout needs.
+from production to canary (never back), which is what a progressive rollout needs. That one key cannot make a
+canary look healthy with many chosen `user` values is the rollout gate's part (`rollout.min_callers`).
 """
 
 from __future__ import annotations
@@ -14,16 +16,18 @@ PRODUCTION, CANARY = "production", "canary"
 BASE = "base"  # the base model alone: what a route serves before its adapter has a production version
 
 
-def bucket(route: str, user: str) -> float:
-    digest = hashlib.sha256(f"{route}\x00{user}".encode()).digest()
+def bucket(route: str, caller: str, secret: bytes) -> float:
+    digest = hmac.new(secret, f"{route}\x00{caller}".encode(), hashlib.sha256).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def assign(route: str, user: str | None, weight: float) -> str:
-    """`canary` or `production`; a request without a user is placed at random."""
+def assign(route: str, user: str | None, weight: float, secret: bytes, key_id: str | None = None) -> str:
+    """`canary` or `production`; a request without a user is placed at random. The same `user` under two keys is
+    two callers."""
     if weight <= 0:
         return PRODUCTION
-    return CANARY if bucket(route, user or uuid.uuid4().hex) < weight else PRODUCTION
+    caller = f"{key_id or ''}\x00{user}" if user else uuid.uuid4().hex
+    return CANARY if bucket(route, caller, secret) < weight else PRODUCTION
 
 
 def user_hash(user: str | None, secret: bytes) -> str | None:

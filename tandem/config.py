@@ -328,6 +328,9 @@ class RolloutConfig:
     auto_promote: bool = False
     shadow: bool = False  # first the canary answers copies of requests (logged, not returned)
     min_requests: int = 20  # canary requests per step before a decision
+    # distinct callers among them before the canary advances (API keys; pseudonymous users where keyless); a
+    # rollback needs no quorum
+    min_callers: int = 1
     min_seconds: float = 60.0  # time per step before advancing
     interval_s: float = 5.0  # how often the controller decides
     decisions_log: str = "${workdir}/rollout"  # every rollout decision, JSONL

@@ -105,6 +105,9 @@ def variant_metrics(requests: list[dict], feedback: list[dict], route: str, sinc
         grounded = [r["grounded"] for r in rows if r["status"] == "ok" and r.get("grounded") is not None]
         out[variant] = {
             "requests": len(rows),
+            # who sent them: API keys, or pseudonymous users where there are no keys (loopback); many `user`
+            # values under one key are one caller
+            "callers": len({r.get("key_id") or r.get("user_hash") for r in rows}),
             "error_rate": sum(r["status"] == "error" for r in rows) / len(rows) if rows else 0.0,
             "latency_p95_ms": percentile(latencies, 0.95),
             "negative_feedback_rate": sum(r["request_id"] in negative for r in rows) / len(rows) if rows else 0.0,
@@ -135,7 +138,7 @@ def gate_failures(canary: dict, production: dict, gates) -> list[str]:
 
 
 def decide(rollout: Rollout, metrics: dict, cfg, now: float) -> tuple[str, list[str]]:
-    """The next action for a live rollout and why. `cfg`: min_requests, min_seconds and gates."""
+    """The next action for a live rollout and why. `cfg`: min_requests, min_callers, min_seconds and gates."""
     canary = metrics["shadow" if rollout.state == "shadow" else "canary"]
     if canary["requests"] < cfg.min_requests:
         return HOLD, [f"{canary['requests']} canary requests < {cfg.min_requests} this step"]
@@ -143,6 +146,8 @@ def decide(rollout: Rollout, metrics: dict, cfg, now: float) -> tuple[str, list[
     failures = gate_failures(canary, reference, cfg.gates)
     if failures:
         return ROLLBACK, failures
+    if canary["callers"] < cfg.min_callers:  # one key's traffic, however many `user` values it sends, is one voice
+        return HOLD, [f"canary requests from {canary['callers']} callers < {cfg.min_callers} this step"]
     if now - rollout.step_started < cfg.min_seconds:
         return HOLD, [f"step running {now - rollout.step_started:.0f} s < {cfg.min_seconds} s"]
     if rollout.state == "running" and rollout.step == len(rollout.steps) - 1:

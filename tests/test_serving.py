@@ -16,6 +16,7 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import negative_data_rejection
 
 from tandem.canary import assign
+from tandem.keys import user_secret
 from tandem.registry import Registry
 from tandem.requestlog import read_log
 
@@ -29,7 +30,7 @@ def test_rag_answer_with_sources(client, serve_cfg):
     extra = reply.model_extra
     assert [s["index"] for s in extra["sources"]] == [1, 2]
     assert extra["sources"][0]["doc_id"] == "2001: A Space Odyssey" and extra["sources"][0]["text"]
-    variant = assign("assistant", "alice", 0.5)
+    variant = assign("assistant", "alice", 0.5, user_secret(serve_cfg.auth.user_key_file))
     assert extra["tandem"]["variant"] == variant == raw.headers["x-tandem-variant"]
     assert extra["tandem"]["adapter"] == {"production": "demo@1", "canary": "demo@2"}[variant]
     assert raw.headers["x-tandem-request-id"] == reply.id == extra["tandem"]["request_id"]
@@ -85,17 +86,22 @@ def test_streaming_matches_the_whole_answer(client):
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
-def test_canary_split_is_sticky_and_weighted(http):
-    # The assignment: a hash of the user, within 1.5 points of the weight over 10,000 users.
+def test_canary_split_is_sticky_and_weighted(http, serve_cfg):
+    # The assignment: a keyed hash of the caller, within 1.5 points of the weight over 10,000 users; under another
+    # secret (or another API key) the same users split differently, so nobody picks canary users offline.
+    secret = user_secret(serve_cfg.auth.user_key_file)
     for weight in (0.1, 0.5):
-        share = sum(assign("assistant", f"user-{i}", weight) == "canary" for i in range(10_000)) / 10_000
+        share = sum(assign("assistant", f"user-{i}", weight, secret) == "canary" for i in range(10_000)) / 10_000
         assert abs(share - weight) < 0.015, (weight, share)
+    ours = [assign("assistant", f"user-{i}", 0.5, secret) for i in range(200)]
+    assert ours != [assign("assistant", f"user-{i}", 0.5, b"another secret") for i in range(200)]
+    assert ours != [assign("assistant", f"user-{i}", 0.5, secret, key_id="k2") for i in range(200)]
     # Served: each user stays on its variant, and the variant is the one the hash gives.
-    users = [f"user-{i}" for i in range(6)]
-    for user in users:
-        seen = {chat(http, "assistant", user=user, max_tokens=1).headers["x-tandem-variant"] for _ in range(2)}
-        assert seen == {assign("assistant", user, 0.5)}
-    assert {assign("assistant", u, 0.5) for u in users} == {"canary", "production"}
+    split = {v: [f"user-{i}" for i, a in enumerate(ours) if a == v][:3] for v in ("canary", "production")}
+    for variant, users in split.items():
+        for user in users:
+            seen = {chat(http, "assistant", user=user, max_tokens=1).headers["x-tandem-variant"] for _ in range(2)}
+            assert seen == {variant}, (user, seen)
 
 
 def test_models_list_routes_and_adapter_versions(client):

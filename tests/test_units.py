@@ -140,17 +140,21 @@ def test_rollout_decisions():
 
     gates = SimpleNamespace(max_error_rate=0.05, max_latency_p95_ratio=2.0, max_negative_feedback_rate=0.25,
                             min_format_valid=0.9, min_grounded=0.6)
-    cfg = SimpleNamespace(min_requests=4, min_seconds=10, gates=gates, auto_promote=True)
+    cfg = SimpleNamespace(min_requests=4, min_callers=2, min_seconds=10, gates=gates, auto_promote=True)
 
-    def rec(i, variant, status="ok", latency=100.0, valid=True, grounded=1.0):
+    def rec(i, variant, status="ok", latency=100.0, valid=True, grounded=1.0, key="k1"):
         return {"request_id": f"r{variant}{i}", "route": "a", "variant": variant, "status": status, "time": 100 + i,
-                "latency_ms": latency, "format_valid": valid, "grounded": grounded}
+                "latency_ms": latency, "format_valid": valid, "grounded": grounded, "key_id": key,
+                "user_hash": f"u{i}"}
 
     production = [rec(i, "production") for i in range(10)]
     rollout = Rollout("ad", "2", [0.5, 1.0], step_started=100)
     m = variant_metrics(production + [rec(i, "canary") for i in range(3)], [], "a", 100)
     assert decide(rollout, m, cfg, now=200) == (HOLD, ["3 canary requests < 4 this step"])
-    healthy = production + [rec(i, "canary") for i in range(5)]
+    # one key sending many `user` values is one caller: the canary does not advance on it, however healthy
+    one_key = variant_metrics(production + [rec(i, "canary") for i in range(9)], [], "a", 100)
+    assert decide(rollout, one_key, cfg, now=200) == (HOLD, ["canary requests from 1 callers < 2 this step"])
+    healthy = production + [rec(i, "canary", key=f"k{i % 2}") for i in range(5)]
     assert decide(rollout, variant_metrics(healthy, [], "a", 100), cfg, now=105)[0] == HOLD  # too early
     assert decide(rollout, variant_metrics(healthy, [], "a", 100), cfg, now=200)[0] == ADVANCE
     rollout.step = 1

@@ -67,9 +67,11 @@ def main(workdir: str, milvus_uri: str, corpus: str, port: str) -> dict:
     from tandem.config import load_config
     from tandem.keys import KeyStore
 
-    # the cluster site serves with API keys only (conf/site/cluster.yaml: auth.mode=keys)
-    _, token = KeyStore(Path(workdir) / "keys.json").create("multinode", ["retrieve:multinode"])
-    cfg = load_config("serve", [*small, "serve.llm.autoscaling={min_replicas: 2, max_replicas: 2}",
+    # the cluster site serves with API keys only (conf/site/cluster.yaml: auth.mode=keys; the Secret's mount path
+    # there, a file of this run's here)
+    keys = Path(workdir) / "keys.json"
+    _, token = KeyStore(keys).create("multinode", ["retrieve:multinode"])
+    cfg = load_config("serve", [*small, f"auth.keys_file={keys}", "serve.llm.autoscaling={min_replicas: 2, max_replicas: 2}",
                                 "serve.llm.num_cpus=0.25", "serve.retriever.num_cpus=0.1",
                                 "serve.retriever.autoscaling={min_replicas: 2, max_replicas: 2}",
                                 "serve.router_replicas=1", "serve.controller=false",

@@ -83,10 +83,7 @@ def main() -> dict:
         index_main([f"corpus.path={corpus.parent}", f"store.uri={uri}", "store.collection=wiki"])
         cfg = load_config("serve", [f"store.uri={uri}", "serve.port=8019", "embedder.torch_threads=1",
                                     "+serve.routes.bench={adapter: bench, rag: false}", "serve.llm.max_adapters=8",
-                                    "serve.llm.max_batch_size=8", f"serve.llm.max_new_tokens={args.max_tokens}",
-                                    # Serve forms the next batch while the current one runs, from requests that
-                                    # arrive within this window: wide enough that a burst fills batches of 8
-                                    "serve.llm.batch_wait_timeout_s=1.0"])
+                                    "serve.llm.max_batch_size=8", f"serve.llm.max_new_tokens={args.max_tokens}"])
         registry = Registry.from_config(cfg)
         base = prepare_base(cfg.model.path, cfg.model.cache_dir, cfg.model.dtype)
         try:

@@ -1,14 +1,15 @@
-"""The LLM deployment: one base model per replica, LoRA adapters loaded on demand, mixed-adapter batches, streaming.
+"""The LLM deployment: one base model per replica, LoRA adapters loaded on demand, continuous batching, streaming.
 
-- Adapters are cached per replica by `@serve.multiplexed` (LRU of `max_adapters`); an evicted adapter is deleted
-  from the PEFT model, freeing its weights. Requests carry the adapter id in their payload, not as Serve's
-  multiplexed model id: Serve splits a batch by that id, and the point here is the opposite.
-- Requests for different adapters share one batch (`@serve.batch`) and one forward pass per step: PEFT's
-  mixed-adapter batches (`adapter_names=`) route each row through its own LoRA weights (the S-LoRA/Punica idea),
-  instead of serving one adapter at a time.
+- Generation is continuous (iteration-level) batching (`tandem.engine`): a request joins the running batch at the
+  next decode step and leaves it when it ends, each row with its own adapter, sampling, stop strings and
+  max_tokens, in one forward per step (PEFT's mixed-adapter batch, the S-LoRA/Punica idea). Serve's `@serve.batch`
+  is not used: it forms the next batch while the current one runs, so under steady traffic its batches held one
+  request each (bench/limits.py measured it).
+- Adapters are cached per replica by `@serve.multiplexed` (LRU of `max_adapters`). Requests carry the adapter id in
+  their payload, not as Serve's multiplexed model id (Serve would split the batch by it). An adapter evicted while
+  rows still use it is deleted after its last row ends.
 - Each request streams token events; a request's row stops on EOS, its max_tokens or a stop string, or when its
-  caller goes away (the Router cancels the call; the row stops at the next step, and a batch whose callers have all
-  gone stops generating).
+  caller goes away (the Router cancels the call, and the row leaves the batch at the next step).
 """
 
 from __future__ import annotations
@@ -17,17 +18,17 @@ import asyncio
 import logging
 import threading
 import time
+from collections import Counter
 
 from ray import serve
 
 from serving.metrics import AdapterMetrics
 from tandem.adapters import verify_adapter
-from tandem.generation import Completion, start_stream
+from tandem.engine import Completion, Engine, Row
 from tandem.models import BaseModel, load_for_inference, load_tokenizer
 from tandem.registry import Registry
 
 logger = logging.getLogger("ray.serve")
-BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
 
 class LoadedAdapter:
@@ -57,25 +58,29 @@ class LLM:
         self.tokenizer = load_tokenizer(self.base)
         self.model = load_for_inference(self.base.path, quantization=llm.quantization, device=llm.device)
         self.peft = None  # the PeftModel around the base, made when the first adapter arrives
-        self.lock = threading.Lock()  # generation vs adapter load/delete
+        self.lock = threading.RLock()  # each forward vs adapter load/delete
+        self.doomed: set[str] = set()  # evicted from the cache while rows still used them: deleted after the last
+        self.starting: Counter = Counter()  # adapter -> requests loading it, not yet in the engine
         self.loads = self.evictions = 0
-        self.cancelled = 0  # rows stopped before their end because their caller went away
         # adapter id -> (when, message): a load that failed is not retried for every request (a download and a
         # checksum of the weights each time) until serve.llm.retry_failed_adapter_s have passed
         self.failures: dict[str, tuple[float, str]] = {}
         self.retry_failed_s = llm.retry_failed_adapter_s
-        self.passes = self.most_rows = self.most_adapters = 0  # generate calls, and the widest of them
         self.metrics = AdapterMetrics()
         self.registry = Registry.from_config(cfg)
-        self.generate.set_max_batch_size(llm.max_batch_size)
-        self.generate.set_batch_wait_timeout_s(llm.batch_wait_timeout_s)
         self.max_adapters = llm.max_adapters
+        self.engine = Engine(self._model, self.tokenizer, llm.max_batch_size, llm.max_adapters, self.lock,
+                             self._released)
 
         async def load(adapter_id: str) -> LoadedAdapter:
             return await self._load_adapter(adapter_id)
 
         # The cache size comes from config, so the multiplexed loader is made per replica.
         self.adapter = serve.multiplexed(max_num_models_per_replica=llm.max_adapters)(load)
+
+    def _model(self):
+        """What runs a forward: the PEFT model while any adapter is loaded, else the plain base."""
+        return self.peft if self.peft is not None and self.peft.peft_config else self.model
 
     # adapters
     async def _load_adapter(self, adapter_id: str) -> LoadedAdapter:
@@ -100,7 +105,9 @@ class LLM:
         from peft import PeftModel
 
         with self.lock:
-            if self.peft is None:
+            if name in self.doomed:  # evicted, but its rows kept it loaded: it stays
+                self.doomed.discard(name)
+            elif self.peft is None:
                 self.peft = PeftModel.from_pretrained(self.model, str(path), adapter_name=name).eval()
             else:
                 self.peft.load_adapter(str(path), adapter_name=name)
@@ -109,102 +116,78 @@ class LLM:
 
     def unload(self, name: str) -> None:
         with self.lock:
-            if self.peft is not None and name in self.peft.peft_config:
-                self.peft.delete_adapter(name)
-                self.evictions += 1
-                self.metrics.evictions.inc(1, {"adapter": name})
+            if self._in_use(name):
+                self.doomed.add(name)
+            else:
+                self._delete(name)
+
+    def _released(self, names: set[str]) -> None:
+        with self.lock:
+            for name in {n for n in names & self.doomed if not self._in_use(n)}:
+                self.doomed.discard(name)
+                self._delete(name)
+
+    def _delete(self, name: str) -> None:
+        if self.peft is not None and name in self.peft.peft_config:
+            self.peft.delete_adapter(name)
+            self.evictions += 1
+            self.metrics.evictions.inc(1, {"adapter": name})
 
     def loaded(self) -> list[str]:
         return sorted(self.peft.peft_config) if self.peft is not None else []
 
     def stats(self) -> dict:
+        engine = self.engine.stats()
         return {"loaded": self.loaded(), "loads": self.loads, "evictions": self.evictions,
-                "max_adapters": self.max_adapters, "cancelled": self.cancelled, "generate_calls": self.passes,
-                "most_rows": self.most_rows, "most_adapters_in_one_call": self.most_adapters}
+                "max_adapters": self.max_adapters, "cancelled": engine["cancelled"], "steps": engine["steps"],
+                "most_rows": engine["most_rows"], "most_adapters_in_one_forward": engine["most_adapters"],
+                "running": engine["running"], "waiting": engine["waiting"]}
 
     # generation
-    def _groups(self, requests: list[dict]) -> list[list[int]]:
-        """Rows that can share one generate call: same sampling, at most max_adapters distinct adapters."""
-        groups: list[list[int]] = []
-        by_sampling: dict[tuple, list[int]] = {}
-        for i, r in enumerate(requests):
-            by_sampling.setdefault((r["temperature"], r["top_p"], r.get("ignore_eos", False)), []).append(i)
-        for rows in by_sampling.values():
-            current, adapters = [], set()
-            for i in rows:
-                a = requests[i]["adapter"]
-                if a and a not in adapters and len(adapters) == self.max_adapters:
-                    groups.append(current)
-                    current, adapters = [], set()
-                current.append(i)
-                if a:
-                    adapters.add(a)
-            groups.append(current)
-        return groups
+    async def __call__(self, request: dict):
+        """{prompt, adapter (name@version or None), max_tokens, temperature, top_p, stop, ignore_eos} -> token
+        events {"text", "finish_reason", "prompt_tokens", "completion_tokens"}, or one {"error": message} when its
+        adapter cannot be loaded or its batch failed."""
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        row = await self._start(request, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        if isinstance(row, str):
+            yield {"error": row}
+            return
+        ended = False
+        try:
+            while not ended:
+                event = await events.get()
+                ended = "error" in event or bool(event.get("finish_reason"))
+                yield event
+        finally:
+            if not ended:  # the caller went away (Serve cancels this call): the row leaves the batch
+                self.engine.cancel(row)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
-    async def generate(self, requests: list[dict]):
-        """Each request: {prompt, adapter (name@version or None), max_tokens, temperature, top_p, stop, ignore_eos}.
-
-        Yields, per step, one event per request: {"text", "finish_reason", "prompt_tokens", "completion_tokens"},
-        {"error": message} when its adapter cannot be loaded, StopIteration once it has finished.
-        """
-        n = len(requests)
-        done = [False] * n
-        for group in self._groups(requests):
-            failed = {}
-            for name in {requests[i]["adapter"] for i in group} - {None}:
+    async def _start(self, request: dict, emit) -> Row | str:
+        """The request's row in the engine, its adapter loaded first; or why its adapter cannot be loaded. The
+        adapter counts as in use from the start, so a load for another request cannot delete it in between."""
+        name = request["adapter"]
+        self.starting[name] += 1
+        try:
+            if name is not None:
                 if (message := self._recent_failure(name)) is not None:
-                    failed[name] = message
-                    continue
+                    return message
                 try:
                     await self.adapter(name)
                 except Exception as e:  # a corrupt or foreign adapter fails its own requests only
                     logger.error("adapter %s could not be loaded: %s", name, e)
                     # the client learns what failed, not the paths and checksums behind it
-                    failed[name] = f"adapter {name} could not be loaded ({type(e).__name__}); it is retried after " \
-                                   f"{self.retry_failed_s:.0f} s"
-                    self.failures[name] = (time.monotonic(), failed[name])
-            rows = [i for i in group if requests[i]["adapter"] not in failed]
-            if len(rows) < len(group):
-                events = [StopIteration if done[i] else {"text": ""} for i in range(n)]
-                for i in group:
-                    if requests[i]["adapter"] in failed:
-                        events[i] = {"error": failed[requests[i]["adapter"]]}
-                        done[i] = True
-                yield events
-            if not rows:
-                continue
-            completions = [Completion(requests[i]["prompt"], requests[i]["max_tokens"], requests[i]["temperature"],
-                                      requests[i]["top_p"], tuple(requests[i]["stop"]),
-                                      requests[i].get("ignore_eos", False)) for i in rows]
-            if self.peft is not None and self.peft.peft_config:
-                model, names = self.peft, [requests[i]["adapter"] or BASE for i in rows]
-            else:  # no adapter loaded yet: the plain model
-                model, names = self.model, None
-            self.passes += 1
-            self.most_rows = max(self.most_rows, len(rows))
-            self.most_adapters = max(self.most_adapters, len({requests[i]["adapter"] for i in rows}))
-            stream = start_stream(model, self.tokenizer, completions, names, self.lock)
-            steps = stream.events()
-            while (step := await asyncio.to_thread(next, steps, None)) is not None:
-                for row, i in enumerate(rows):
-                    if requests[i].get("cancelled") and not done[i]:
-                        stream.cancel(row)
-                        done[i], self.cancelled = True, self.cancelled + 1
-                events = [StopIteration if done[i] else {"text": ""} for i in range(n)]
-                for i, event in zip(rows, step):
-                    if event is not None and not done[i]:
-                        events[i] = event
-                yield events
-                for i, event in zip(rows, step):
-                    if event is not None and event["finish_reason"]:
-                        done[i] = True
+                    message = f"adapter {name} could not be loaded ({type(e).__name__}); it is retried after " \
+                              f"{self.retry_failed_s:.0f} s"
+                    self.failures[name] = (time.monotonic(), message)
+                    return message
+            completion = Completion(request["prompt"], request["max_tokens"], request["temperature"],
+                                    request["top_p"], tuple(request["stop"]), request.get("ignore_eos", False))
+            return self.engine.submit(completion, name, emit)
+        finally:
+            self.starting[name] -= 1
+            if name in self.doomed and not self._in_use(name):  # evicted while it started, then never ran
+                self._released({name})
 
-    async def __call__(self, request: dict):
-        try:
-            async for event in self.generate(request):
-                yield event
-        except (asyncio.CancelledError, GeneratorExit):  # the caller went away: its row stops at the next step
-            request["cancelled"] = True
-            raise
+    def _in_use(self, name: str) -> bool:
+        return self.starting[name] > 0 or self.engine.in_use(name)

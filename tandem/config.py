@@ -255,8 +255,7 @@ class LLMServeConfig:
     torch_threads: int = 0  # 0: torch's default (Ray pins it to num_cpus)
     max_adapters: int = 4  # LoRA adapters kept loaded per replica (LRU); an evicted one is deleted
     retry_failed_adapter_s: float = 30.0  # an adapter that failed to load fails its requests at once this long
-    max_batch_size: int = 8  # requests of any adapters batched into one forward pass
-    batch_wait_timeout_s: float = 0.05  # how long a batch waits to fill
+    max_batch_size: int = 8  # rows of any adapters decoded together (continuous batching: they join at any step)
     max_ongoing_requests: int = 32  # requests one replica accepts at once (Serve backpressure)
     # requests each router may hold waiting for a free LLM replica; beyond: 429 with Retry-After (-1: no limit)
     max_queued_requests: int = 32

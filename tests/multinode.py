@@ -71,7 +71,8 @@ def main(workdir: str, milvus_uri: str, corpus: str, port: str) -> dict:
     # there, a file of this run's here)
     keys = Path(workdir) / "keys.json"
     _, token = KeyStore(keys).create("multinode", ["retrieve:multinode"])
-    cfg = load_config("serve", [*small, f"auth.keys_file={keys}", "serve.llm.autoscaling={min_replicas: 2, max_replicas: 2}",
+    cfg = load_config("serve", [*small, f"auth.keys_file={keys}",
+                                "serve.llm.autoscaling={min_replicas: 2, max_replicas: 2}",
                                 "serve.llm.num_cpus=0.25", "serve.retriever.num_cpus=0.1",
                                 "serve.retriever.autoscaling={min_replicas: 2, max_replicas: 2}",
                                 "serve.router_replicas=1", "serve.controller=false",

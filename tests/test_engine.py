@@ -1,0 +1,130 @@
+"""Continuous batching (tandem/engine.py) against Hugging Face's own generate: requests that join a running batch,
+leave it early, use different adapters or are cancelled get exactly what each would get alone."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from tandem.engine import Completion, Engine
+
+PROMPTS = ["Name a colour.", "Write a poem about the sea.", "What is two plus two?", "Say hello in French.",
+           "List three fruits."]
+
+
+@pytest.fixture(scope="module")
+def mixed():
+    """The base with two LoRA adapters of random, non-identity weights (a fresh LoRA is the identity)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from tandem.config import load_config
+    from tandem.models import load_for_inference, load_tokenizer, prepare_base
+
+    cfg = load_config("serve", [])
+    base = prepare_base(cfg.model.path, cfg.model.cache_dir, cfg.model.dtype)
+    tokenizer = load_tokenizer(base)
+    model = get_peft_model(load_for_inference(base.path), LoraConfig(
+        r=8, lora_alpha=16, init_lora_weights=False, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+        adapter_name="red")
+    model.add_adapter("blue", LoraConfig(r=8, lora_alpha=16, init_lora_weights=False,
+                                      target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    for seed, name in enumerate(("red", "blue")):
+        torch.manual_seed(seed)
+        for module in model.modules():
+            if hasattr(module, "lora_B") and name in module.lora_B:
+                torch.nn.init.normal_(module.lora_B[name].weight, std=0.05)
+    return model.eval(), tokenizer
+
+
+def prompt(tokenizer, text: str) -> str:
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                         tokenize=False)
+
+
+def alone(model, tokenizer, text: str, adapter: str | None, max_tokens: int) -> str:
+    """Greedy, exactly max_tokens, one request at a time through Hugging Face's generate."""
+    import torch
+
+    ids = tokenizer(prompt(tokenizer, text), return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        if adapter is None:
+            with model.disable_adapter():
+                out = model.generate(**ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False)
+        else:
+            model.set_adapter(adapter)
+            out = model.generate(**ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+class Collector:
+    """Gathers one request's events; `reached(n)` waits until it has n tokens."""
+
+    def __init__(self):
+        self.events, self.changed = [], threading.Condition()
+
+    def __call__(self, event: dict) -> None:
+        with self.changed:
+            self.events.append(event)
+            self.changed.notify_all()
+
+    def wait(self, done, timeout: float = 120) -> None:
+        with self.changed:
+            assert self.changed.wait_for(lambda: done(self.events), timeout), self.events[-1:]
+
+    def text(self) -> str:
+        return "".join(e.get("text", "") for e in self.events)
+
+
+def finished(events) -> bool:
+    return bool(events) and ("error" in events[-1] or events[-1].get("finish_reason"))
+
+
+def test_rows_that_join_and_leave_get_what_they_would_get_alone(mixed):
+    model, tokenizer = mixed
+    engine = Engine(lambda: model, tokenizer, max_batch_size=4, max_adapters=2)
+    plan = [("red", 12), (None, 6), ("blue", 16), ("red", 9), ("blue", 5)]  # five requests, room for four at once
+    runs = [Collector() for _ in plan]
+    first = [engine.submit(Completion(prompt(tokenizer, PROMPTS[i]), n, ignore_eos=True), adapter, runs[i])
+             for i, (adapter, n) in enumerate(plan[:2])]
+    runs[0].wait(lambda events: len(events) >= 3)  # the others join a batch that is already decoding
+    for i, (adapter, n) in enumerate(plan[2:], start=2):
+        engine.submit(Completion(prompt(tokenizer, PROMPTS[i]), n, ignore_eos=True), adapter, runs[i])
+    for run in runs:
+        run.wait(finished)
+    assert first[0].finish == "length"
+    for run, (adapter, n), text in zip(runs, plan, PROMPTS):
+        assert run.events[-1]["completion_tokens"] == n and run.events[-1]["finish_reason"] == "length"
+        assert run.text() == alone(model, tokenizer, text, adapter, n), (adapter, text)
+    stats = engine.stats()
+    assert stats["most_rows"] == 4 and stats["most_adapters"] == 3  # red, blue and the base in one forward
+    assert stats["running"] == stats["waiting"] == 0
+
+
+def test_a_cancelled_row_leaves_and_the_rest_go_on(mixed):
+    model, tokenizer = mixed
+    engine = Engine(lambda: model, tokenizer, max_batch_size=4, max_adapters=2)
+    long, short = Collector(), Collector()
+    gone = engine.submit(Completion(prompt(tokenizer, PROMPTS[1]), 200, ignore_eos=True), "red", long)
+    engine.submit(Completion(prompt(tokenizer, PROMPTS[2]), 20, ignore_eos=True), "blue", short)
+    long.wait(lambda events: len(events) >= 2)
+    engine.cancel(gone)
+    short.wait(finished)
+    assert short.text() == alone(model, tokenizer, PROMPTS[2], "blue", 20)
+    assert len(long.events) < 200 and engine.stats()["cancelled"] == 1 and not engine.in_use("red")
+
+
+def test_stop_strings_and_sampling_settings_per_row(mixed):
+    model, tokenizer = mixed
+    engine = Engine(lambda: model, tokenizer, max_batch_size=4, max_adapters=2)
+    reference = alone(model, tokenizer, PROMPTS[1], None, 24)
+    stop = reference.split()[2]  # a word the greedy answer reaches
+    greedy, sampled = Collector(), Collector()
+    engine.submit(Completion(prompt(tokenizer, PROMPTS[1]), 24, stop=(stop,)), None, greedy)
+    engine.submit(Completion(prompt(tokenizer, PROMPTS[1]), 24, temperature=1.0, top_p=0.9, ignore_eos=True),
+                  None, sampled)
+    greedy.wait(finished)
+    sampled.wait(finished)
+    assert greedy.events[-1]["finish_reason"] == "stop" and greedy.text() == reference[:reference.index(stop)]
+    assert sampled.events[-1]["completion_tokens"] == 24

@@ -140,7 +140,8 @@ class LLM:
         engine = self.engine.stats()
         return {"loaded": self.loaded(), "loads": self.loads, "evictions": self.evictions,
                 "max_adapters": self.max_adapters, "cancelled": engine["cancelled"], "steps": engine["steps"],
-                "most_rows": engine["most_rows"], "most_adapters_in_one_forward": engine["most_adapters"],
+                "prefills": engine["prefills"], "most_rows": engine["most_rows"],
+                "most_adapters_in_one_forward": engine["most_adapters"],
                 "running": engine["running"], "waiting": engine["waiting"]}
 
     # generation

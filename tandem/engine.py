@@ -70,7 +70,7 @@ class Engine:
         self.users: Counter = Counter()  # adapter -> rows waiting or running with it
         self.cache = self.mask = self.next_tokens = None  # the running batch's KV cache, attention mask, last tokens
         self.wake = threading.Condition()
-        self.steps = self.most_rows = self.most_adapters = self.cancelled = 0
+        self.steps = self.prefills = self.most_rows = self.most_adapters = self.cancelled = 0
         threading.Thread(target=self._run, daemon=True, name="engine").start()
 
     # requests
@@ -92,7 +92,8 @@ class Engine:
 
     def stats(self) -> dict:
         return {"running": len(self.rows), "waiting": len(self.waiting), "steps": self.steps,
-                "most_rows": self.most_rows, "most_adapters": self.most_adapters, "cancelled": self.cancelled}
+                "prefills": self.prefills, "most_rows": self.most_rows, "most_adapters": self.most_adapters,
+                "cancelled": self.cancelled}
 
     # the loop
     def _run(self) -> None:
@@ -150,8 +151,9 @@ class Engine:
         kwargs = {}
         if hasattr(model, "peft_config") and model.peft_config:  # a mixed-adapter batch
             kwargs["adapter_names"] = [r.adapter or BASE for r in rows]
-        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                    use_cache=True, **kwargs)
+        # logits of the last position only: a prefill's full logits would cost more than all its decode steps
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
+                    use_cache=True, logits_to_keep=1, **kwargs)
         self.steps += 1
         self.most_rows = max(self.most_rows, len(rows))
         self.most_adapters = max(self.most_adapters, len({r.adapter for r in rows}))
@@ -168,6 +170,7 @@ class Engine:
             row.prompt_ids = [0] * n  # only its length is reported
         cache = DynamicCache()
         tokens = self._forward(rows, batch["input_ids"], batch["attention_mask"], cache)
+        self.prefills += 1
         self._check_cache(cache)
         new = torch.tensor(tokens, device=batch["input_ids"].device).unsqueeze(1)
         if self.rows:

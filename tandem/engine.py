@@ -49,6 +49,7 @@ class Row:
     sent: int = 0  # characters of the text already emitted
     finish: str | None = None
     cancelled: bool = False
+    left: bool = False  # out of the engine: its adapter no longer counts it
 
 
 class Engine:
@@ -284,7 +285,8 @@ class Engine:
     def _release(self, rows: list[Row]) -> None:
         gone = set()
         with self.wake:
-            for row in rows:
+            for row in (r for r in rows if not r.left):
+                row.left = True
                 self.users[row.adapter] -= 1
                 if self.users[row.adapter] <= 0:
                     del self.users[row.adapter]

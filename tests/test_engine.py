@@ -128,3 +128,22 @@ def test_stop_strings_and_sampling_settings_per_row(mixed):
     sampled.wait(finished)
     assert greedy.events[-1]["finish_reason"] == "stop" and greedy.text() == reference[:reference.index(stop)]
     assert sampled.events[-1]["completion_tokens"] == 24
+
+
+def test_a_failed_forward_fails_its_rows_and_the_engine_goes_on(mixed):
+    model, tokenizer = mixed
+    failures = [RuntimeError("out of memory")]  # the first forward fails, as a GPU out of memory would
+
+    def pick():
+        if failures:
+            raise failures.pop()
+        return model
+
+    engine = Engine(pick, tokenizer, max_batch_size=4, max_adapters=2)
+    failed, after = Collector(), Collector()
+    engine.submit(Completion(prompt(tokenizer, PROMPTS[0]), 8, ignore_eos=True), "red", failed)
+    failed.wait(finished)
+    assert failed.events == [{"error": "generation failed (RuntimeError)"}] and not engine.in_use("red")
+    engine.submit(Completion(prompt(tokenizer, PROMPTS[0]), 8, ignore_eos=True), "red", after)
+    after.wait(finished)
+    assert after.text() == alone(model, tokenizer, PROMPTS[0], "red", 8)

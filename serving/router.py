@@ -33,7 +33,9 @@ from serving.openai_api import APIError, ChatCompletionRequest, FeedbackRequest,
 from serving.routes import RouteError, RouteTable
 from tandem.answers import served_grounding
 from tandem.canary import user_hash
+from tandem.data import privacy
 from tandem.keys import AuthError, Key, KeyStore, auth_mode, authenticate, authorize, user_secret
+from tandem.milvus import all_of
 from tandem.models import BaseModel, load_tokenizer
 from tandem.prompts import parse_rag_answer, rag_messages
 from tandem.registry import Registry, base_model_name
@@ -173,13 +175,20 @@ class Router:
     @app.post("/v1/retrieve")
     async def retrieve(self, body: RetrieveRequest, request: Request) -> dict:
         collection = body.collection or self.cfg.store.collection
-        self._caller(request, f"retrieve:{collection}")
-        hits = await self._retrieve(body.query, collection, body.k, body.mode, body.filter)
+        key = self._caller(request, f"retrieve:{collection}")
+        hits = await self._retrieve(body.query, collection, body.k, body.mode, body.filter, key)
         return {"object": "list", "collection": collection, "mode": body.mode, "data": hits}
 
-    async def _retrieve(self, query: str, collection: str, k: int, mode: str, filter: str) -> list[dict]:
+    async def _retrieve(self, query: str, collection: str, k: int, mode: str, filter: str,
+                        key: Key | None) -> list[dict]:
+        """Top-k passages within the caller's `filter`, the route's (passed in as `filter` on RAG routes) and the
+        key's own: a key's filter is the documents it may see, whatever the request asks."""
         if k > self.cfg.serve.retriever.max_k:
             raise APIError(400, f"k={k} is above this server's limit of {self.cfg.serve.retriever.max_k}", "k")
+        try:
+            filter = all_of(key.filter if key else "", filter)
+        except ValueError as e:
+            raise APIError(400, str(e), "filter") from None
         try:
             return await self.retriever.remote({"query": query, "collection": collection, "k": k, "mode": mode,
                                                 "filter": filter})
@@ -266,11 +275,14 @@ class Router:
         if route.cfg.rag:
             question = messages[-1]["content"]
             hits = await self._retrieve(question, route.cfg.collection or self.cfg.store.collection, route.cfg.k,
-                                        route.cfg.mode, route.cfg.filter)
+                                        route.cfg.mode, route.cfg.filter, key)
             sources = [{"index": i, **h} for i, h in enumerate(hits, start=1)]
             system, user = rag_messages(question, [h["text"] for h in hits])
             messages = [system, *[m for m in messages[:-1] if m["role"] != "system"], user]
         prompt, prompt_tokens = await asyncio.to_thread(self._prompt, messages)  # off the event loop
+        # redaction costs about a second per MB of text: off the loop too
+        logged = (await asyncio.to_thread(privacy.redact_messages, messages) if self.cfg.serve.request_log_redact
+                  else messages)
         limits = self.cfg.serve.llm
         max_tokens = body.completion_limit() or limits.default_max_tokens
         if max_tokens > limits.max_new_tokens:
@@ -290,7 +302,7 @@ class Router:
         events = self.llm.options(stream=True).remote(payload)
         record = {"request_id": request_id, "model": body.model, "route": route.name, "variant": choice.variant,
                   "adapter": choice.adapter, "key_id": key.id if key else None,
-                  "user_hash": user_hash(body.user, self.user_secret), "messages": messages, "rag": route.cfg.rag,
+                  "user_hash": user_hash(body.user, self.user_secret), "messages": logged, "rag": route.cfg.rag,
                   "retrieved": [s["id"] for s in sources], "stream": body.stream, "max_tokens": max_tokens}
         meta = {"request_id": request_id, "route": route.name, "variant": choice.variant, "adapter": choice.adapter}
         headers = {"x-tandem-request-id": request_id, "x-tandem-route": route.name, "x-tandem-variant": choice.variant,
@@ -411,6 +423,8 @@ class Router:
                   "error": error, "format_valid": format_valid, "grounded": grounded,
                   "latency_ms": round((time.perf_counter() - started) * 1000, 1),
                   "prompt_tokens": last.get("prompt_tokens"), "completion_tokens": last.get("completion_tokens")}
+        if self.cfg.serve.request_log_redact:  # after the gates' measures, which need the words as served
+            record["response"] = privacy.redact(text)  # short (max_new_tokens); the prompt was redacted off the loop
         self.requests.append(record)
         self.metrics.observe(record)
         self.recent[record["request_id"]] = {"key_id": record.get("key_id")}

@@ -293,6 +293,9 @@ class ServeConfig:
     retriever: RetrieverServeConfig = field(default_factory=RetrieverServeConfig)
     request_log: str = "${workdir}/requests"  # append-only JSONL partitions; a shared path on a cluster
     feedback_log: str = "${workdir}/feedback"  # append-only JSONL partitions of /v1/feedback
+    # secrets and personal data in logged messages and answers replaced by [REDACTED <what>] before they are written
+    # (tandem/data/privacy.py); the logs feed training sets, so what is redacted here is never trained on
+    request_log_redact: bool = False
     log_retention_days: int = 90  # jobs.logs prune: request and feedback partitions older than this are deleted
     router_replicas: int = 1  # HTTP ingress replicas
     max_body_bytes: int = 1048576  # larger request bodies get 413 while they arrive, before any parsing
@@ -371,6 +374,7 @@ class AuthConfig:
     name: Optional[str] = None  # jobs.keys create: who or what the key is for
     scopes: list = field(default_factory=list)  # jobs.keys create: chat:<route>, retrieve:<collection>, feedback, admin
     id: Optional[str] = None  # jobs.keys revoke: the key's id
+    filter: str = ""  # jobs.keys create: the documents the key may retrieve (a Milvus expression); "": all
 
 
 @dataclass

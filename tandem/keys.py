@@ -10,7 +10,8 @@ file, or the Kubernetes Secret it is mounted from, holds nothing a caller could 
 - `admin`: everything, plus rollout state, every version in /v1/models, pinning a version that is neither production
   nor canary (a candidate, a rolled-back one), and `ignore_eos`.
 
-`chat:*` and `retrieve:*` cover every route or collection.
+`chat:*` and `retrieve:*` cover every route or collection. A key may also carry a filter, a Milvus expression
+that every retrieval made for it must satisfy: the documents it may see (a tenant's, a topic's).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tandem.errors import ConfigError, TandemError
+from tandem.milvus import all_of
 
 PREFIX = "tdk"
 SCOPE = re.compile(r"^(admin|feedback|(chat|retrieve):([\w.-]+|\*))$")
@@ -48,6 +50,9 @@ class Key:
     scopes: list[str]
     created: float = field(default_factory=time.time)
     revoked: float | None = None
+    # the documents this key may retrieve: a Milvus expression every retrieval made for it must also satisfy (on
+    # /v1/retrieve and on RAG routes), ANDed with the route's and the caller's filters; "" allows every document
+    filter: str = ""
 
     def allows(self, scope: str) -> bool:
         kind, _, _ = scope.partition(":")
@@ -94,11 +99,15 @@ class KeyStore:
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
 
-    def create(self, name: str, scopes: list[str]) -> tuple[Key, str]:
+    def create(self, name: str, scopes: list[str], filter: str = "") -> tuple[Key, str]:
         """A new key and its token; the token is never stored and cannot be shown again."""
         keys = self.keys()
         key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
-        key = Key(key_id, name, _digest(secret), check_scopes(list(scopes)))
+        try:
+            filter = all_of(filter or "")
+        except ValueError as e:
+            raise ConfigError(f"auth.filter: {e}") from None
+        key = Key(key_id, name, _digest(secret), check_scopes(list(scopes)), filter=filter)
         self._write({**keys, key_id: key})
         return key, f"{PREFIX}_{key_id}_{secret}"
 

@@ -200,6 +200,31 @@ def in_filter(field: str, values: Iterable[str]) -> str:
     return f"{field} in [{', '.join(quote(v) for v in values)}]"
 
 
+def all_of(*filters: str) -> str:
+    """Filters that must all hold, each in its own parentheses. A filter whose brackets or quotes do not balance is
+    refused: `x == 1) or (x != 1` would otherwise close its parentheses early and widen a key's allowed filter.
+    Quotes are scanned as Milvus reads them, so a bracket inside a string literal is text."""
+    parts = [f.strip() for f in filters if f and f.strip()]
+    for f in parts:
+        _check_balanced(f)
+    return parts[0] if len(parts) == 1 else " and ".join(f"({f})" for f in parts)
+
+
+def _check_balanced(expr: str) -> None:
+    closers, stack, quote, escaped = {")": "(", "]": "[", "}": "{"}, [], None, False
+    for i, c in enumerate(expr):
+        if quote:
+            escaped, quote = (False, quote) if escaped else (c == "\\", None if c == quote else quote)
+        elif c in "\"'":
+            quote = c
+        elif c in "([{":
+            stack.append(c)
+        elif c in closers and (not stack or stack.pop() != closers[c]):
+            raise ValueError(f"filter {expr!r}: unmatched {c!r} at character {i + 1}")
+    if quote or stack:
+        raise ValueError(f"filter {expr!r}: unclosed {quote or stack[-1]!r}")
+
+
 QUERY_WINDOW = 16384  # Milvus's largest result for one query; beyond it, page with an iterator
 
 

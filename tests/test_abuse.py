@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
 import time
 from pathlib import Path
@@ -133,7 +134,7 @@ def test_big_bodies_and_long_or_many_messages_are_refused_before_any_work(http):
 @pytest.fixture(scope="module")
 def busy(base_url, serve_cfg):
     """A second app (its own LLM replica, no controller) that holds one request and queues one more: what a full
-    server does, without filling the session app."""
+    server does, without filling the session app. It also redacts what it logs."""
     from omegaconf import OmegaConf
     from ray import serve
 
@@ -141,6 +142,7 @@ def busy(base_url, serve_cfg):
 
     cfg = OmegaConf.merge(serve_cfg, {"serve": {
         "app_name": "busy", "controller": False, "retry_after_s": 3, "retriever": {"num_cpus": 0.1},
+        "request_log_redact": True,
         "llm": {"max_ongoing_requests": 1, "max_queued_requests": 1, "max_batch_size": 1, "num_cpus": 0.25}}})
     serve.run(build_app(cfg), name="busy", route_prefix="/busy")
     yield {"url": f"{base_url}/busy", "llm": serve.get_deployment_handle("LLM", "busy"), "cfg": cfg}
@@ -186,3 +188,18 @@ def test_generation_stops_for_a_client_that_went_away(busy):
         assert http.post("/v1/chat/completions", json={**long_answer(), "max_tokens": 1}).status_code == 200
     logged = next(r for r in read_log(busy["cfg"].serve.request_log) if r["request_id"] == request_id)
     assert logged["status"] == "disconnected" and logged["completion_tokens"] < 48
+
+
+def test_a_redacting_app_logs_no_secret_it_was_sent(busy):
+    import httpx
+
+    secret = "My key is AKIAABCDEFGHIJKLMNOP, mail me at jane.doe@example.com"
+    with httpx.Client(base_url=busy["url"], timeout=300) as http:
+        reply = http.post("/v1/chat/completions", json={"model": "chat", "max_tokens": 2, "messages": [
+            {"role": "user", "content": secret}]})
+    assert reply.status_code == 200
+    logged = next(r for r in read_log(busy["cfg"].serve.request_log)
+                  if r["request_id"] == reply.headers["x-tandem-request-id"])
+    assert logged["messages"][-1]["content"] == ("My key is [REDACTED AWS Access Key], mail me at "
+                                                 "[REDACTED email address]")
+    assert "AKIA" not in json.dumps(logged) and "jane.doe" not in json.dumps(logged)

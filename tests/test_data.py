@@ -60,7 +60,7 @@ def test_each_bad_row_is_rejected_with_its_reason():
     assert reasons[9] == "exact duplicate: exact copy of line 1 (train)"
     assert reasons[10] == "near duplicate: near copy of line 1 (train)"
     assert reasons[12].startswith("bad schema: expected messages")
-    assert "email address" in reasons[13] and "AWS access key" in reasons[13]
+    assert "email address" in reasons[13] and "AWS Access Key" in reasons[13]
     assert [r["line"] for r in result.rows] == [1, 11]
     assert result.rows[1]["messages"][0] == {"role": "system", "content": "Be brief."}
     assert result.seen == 13 and len(result.rejected) == 11
@@ -96,14 +96,18 @@ def test_turns_of_weight_zero_are_context_without_loss(tmp_path):
 def test_redact_keeps_the_row_without_the_secret():
     lines = [chat("Who do I mail?",
                   "Write to jane.doe@example.com, card 4111 1111 1111 1111, key AKIAABCDEFGHIJKLMNOP"),
-             chat("Order number?", "It is 4111 1111 1111 1112.")]  # fails Luhn: not a card, kept as written
+             chat("Order number?", "It is 4111 1111 1111 1112."),  # fails Luhn: not a card, kept as written
+             chat("Deploy?", "Use ghp_" + "x1" * 18 + " then set password: hunter2hunter2")]
     result = validate_rows(lines, count_words, max_tokens=40, pii="redact", eval_fraction=0.0)
     answer = result.rows[0]["messages"][-1]["content"]
     assert answer == ("Write to [REDACTED email address], card [REDACTED payment card number], key "
-                      "[REDACTED AWS access key]")
-    assert result.rows[0]["flags"] == ["redacted AWS access key", "redacted email address",
+                      "[REDACTED AWS Access Key]")
+    assert result.rows[0]["flags"] == ["redacted AWS Access Key", "redacted email address",
                                        "redacted payment card number"]
     assert result.rows[1]["messages"][-1]["content"] == "It is 4111 1111 1111 1112." and not result.rejected
+    assert result.rows[2]["messages"][-1]["content"] == ("Use [REDACTED GitHub Token] then set password: "
+                                                          "[REDACTED Secret Keyword]")  # detect-secrets' detectors
+    assert result.rows[2]["flags"] == ["redacted GitHub Token", "redacted Secret Keyword"]
     with pytest.raises(ConfigError, match="dataset.pii=redcat"):
         validate_rows(lines, count_words, max_tokens=40, pii="redcat")
 

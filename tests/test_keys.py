@@ -70,6 +70,7 @@ def secured(base_url, serve_cfg, tmp_path_factory):
     tokens = {name: store.create(name, scopes)[1] for name, scopes in {
         "user": ["chat:assistant", "feedback", "retrieve:wiki"], "other": ["chat:assistant", "feedback"],
         "admin": ["admin"]}.items()}
+    tokens["tenant"] = store.create("tenant", ["chat:assistant", "retrieve:wiki"], 'meta["topic"] == "Technology"')[1]
     # route `keyed` (base model, its own traffic) is this file's, so its feedback datasets hold only its requests
     cfg = OmegaConf.merge(serve_cfg, {"auth": {"mode": "keys", "keys_file": str(path)},
                                       "serve": {"controller": False, "feedback_per_minute": 4}})
@@ -124,6 +125,30 @@ def test_every_endpoint_asks_for_its_scope(secured):
         assert http.post("/v1/retrieve", json={"query": "Alien film", "collection": "wiki"}).status_code == 200
         other = http.post("/v1/retrieve", json={"query": "Alien film", "collection": "qa_small"})
         assert other.status_code == 403 and other.json()["error"]["type"] == "permission_error"
+
+
+def test_a_keys_filter_bounds_every_retrieval_made_for_it(secured):
+    """The tenant key sees Technology articles only: on /v1/retrieve, under a filter of its own, and on a RAG
+    route; a filter that would close the key's parentheses is refused."""
+    headers = {"authorization": f"Bearer {secured['tokens']['tenant']}"}
+    with httpx.Client(base_url=secured["url"], timeout=300, headers=headers) as http:
+        def retrieve(**extra):
+            return http.post("/v1/retrieve", json={"query": "Alien film", "collection": "wiki", "k": 5, **extra})
+
+        hits = retrieve().json()["data"]
+        assert len(hits) == 5 and {h["meta"]["topic"] for h in hits} == {"Technology"}
+        assert retrieve(filter='meta["topic"] == "Arts"').json()["data"] == []  # narrowed, never widened
+        escape = retrieve(filter='chunk_no >= 0) or (chunk_no >= 0')
+        assert escape.status_code == 400 and "unmatched ')'" in escape.json()["error"]["message"]
+        quoted = retrieve(filter='title != "a) or (b"')  # a bracket inside a string is text
+        assert quoted.status_code == 200 and {h["meta"]["topic"] for h in quoted.json()["data"]} == {"Technology"}
+    reply = ask(client(secured, "tenant"))
+    sources = reply.model_extra["sources"]
+    assert sources and {s["meta"]["topic"] for s in sources} == {"Technology"}
+    unbounded = ask(client(secured, "user")).model_extra["sources"]
+    assert "Arts" in {s["meta"]["topic"] for s in unbounded}  # the same question, without the filter: Alien is art
+    with pytest.raises(ConfigError, match="unclosed"):
+        secured["store"].create("bad", ["retrieve:wiki"], 'doc_id in ["a"')
 
 
 def test_feedback_only_from_the_key_that_asked_and_logs_keep_ids_not_keys(secured):

@@ -2,9 +2,9 @@
 
 Rows are chat (`{"messages": [{"role", "content", optional "weight": 0|1}, ...]}`) or prompt/response
 (`{"prompt", "response"}`, optional `system`); both become messages. Checks, in order: schema and roles, empty
-turns, token length (reject or truncate), likely secrets and personal data (flag or drop), exact and near
-duplicates, and overlap between the train and eval splits (which near-duplicate grouping makes impossible by
-construction: a group is assigned to one split).
+turns, token length (reject or truncate), likely secrets and personal data (tandem/data/privacy.py: flag, drop
+or redact), exact and near duplicates (MinHash LSH), and overlap between the train and eval splits (which
+near-duplicate grouping makes impossible by construction: a group is assigned to one split).
 """
 
 from __future__ import annotations
@@ -14,26 +14,12 @@ import json
 import re
 from dataclasses import dataclass, field
 
-import numpy as np
+from datasketch import MinHash, MinHashLSH
 
+from tandem.data import privacy
 from tandem.errors import ConfigError
 
 ROLES = ("system", "user", "assistant")
-
-# Patterns for data that must not be trained into a model. Each is (name, regex); cards are Luhn-checked below.
-SECRET_PATTERNS = [
-    ("private key", re.compile(r"-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----")),
-    ("AWS access key", re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b")),
-    ("GitHub token", re.compile(r"\bgh[pousr]_[A-Za-z0-9]{36,}\b")),
-    ("API key assignment",
-     re.compile(r"(?i)\b(?:api[_-]?key|secret|password|token)\s*[:=]\s*['\"]?[A-Za-z0-9_\-/+]{12,}")),
-    ("bearer token", re.compile(r"(?i)\bbearer\s+[A-Za-z0-9_\-.=]{20,}")),
-    ("email address", re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b")),
-    ("US social security number", re.compile(r"\b\d{3}-\d{2}-\d{4}\b")),
-    ("phone number", re.compile(r"(?<![\w-])\+?\d{1,3}[ .-]?\(?\d{3}\)?[ .-]\d{3}[ .-]\d{4}\b")),
-]
-CARD = re.compile(r"\b(?:\d[ -]?){13,19}\b")
-
 
 @dataclass
 class Rejected:
@@ -114,30 +100,7 @@ def check_roles(messages: list[dict]) -> None:
 
 
 def find_secrets(messages: list[dict]) -> list[str]:
-    text = "\n".join(m["content"] for m in messages)
-    found = [name for name, pattern in SECRET_PATTERNS if pattern.search(text)]
-    if any(_luhn(re.sub(r"\D", "", m.group())) for m in CARD.finditer(text)):
-        found.append("payment card number")
-    return found
-
-
-def redact(text: str) -> str:
-    """Each likely secret or piece of personal data replaced by `[REDACTED <what>]`: the row keeps its shape and
-    the model learns that such things are not repeated, without ever seeing them."""
-    for name, pattern in SECRET_PATTERNS:
-        text = pattern.sub(f"[REDACTED {name}]", text)
-    return CARD.sub(lambda m: "[REDACTED payment card number]" if _luhn(re.sub(r"\D", "", m.group())) else m.group(),
-                    text)
-
-
-def _luhn(digits: str) -> bool:
-    if not 13 <= len(digits) <= 19:
-        return False
-    total = 0
-    for i, d in enumerate(reversed(digits)):
-        n = int(d) * (2 if i % 2 else 1)
-        total += n - 9 if n > 9 else n
-    return total % 10 == 0
+    return privacy.find("\n".join(m["content"] for m in messages))
 
 
 def normalized_text(messages: list[dict]) -> str:
@@ -146,16 +109,12 @@ def normalized_text(messages: list[dict]) -> str:
 
 
 class NearDuplicates:
-    """MinHash over word 3-shingles with LSH banding: finds rows whose Jaccard similarity passes a threshold without
-    comparing every pair."""
+    """datasketch's MinHash LSH over word 3-shingles finds candidates without comparing every pair; a candidate
+    counts only when the exact Jaccard similarity of the shingles passes the threshold (LSH gives false positives)."""
 
-    def __init__(self, threshold: float, num_perm: int = 64, bands: int = 16, seed: int = 0):
-        rng = np.random.default_rng(seed)
-        self.a = rng.integers(1, 2**61 - 1, num_perm, dtype=np.uint64)
-        self.b = rng.integers(0, 2**61 - 1, num_perm, dtype=np.uint64)
-        self.threshold = threshold
-        self.bands, self.rows = bands, num_perm // bands
-        self.buckets: dict[tuple, list[int]] = {}
+    def __init__(self, threshold: float, num_perm: int = 64, seed: int = 0):
+        self.threshold, self.num_perm, self.seed = threshold, num_perm, seed
+        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
         self.shingles: list[set] = []
 
     @staticmethod
@@ -166,23 +125,14 @@ class NearDuplicates:
     def add(self, text: str) -> int | None:
         """Return the index of an earlier near-duplicate if there is one; else index this text (as the next index)."""
         sh = self._shingles(text)
-        hashes = np.array([int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "big") >> 3
-                           for s in sh], dtype=np.uint64)
-        sig = ((np.outer(hashes, self.a) + self.b) % np.uint64(2**61 - 1)).min(axis=0)
-        match = None
-        keys = [(band, sig[band * self.rows : (band + 1) * self.rows].tobytes()) for band in range(self.bands)]
-        for key in keys:
-            for j in self.buckets.get(key, []):
-                other = self.shingles[j]
-                if len(sh & other) / len(sh | other) >= self.threshold:
-                    match = j
-                    break
-            if match is not None:
-                return match
-        idx = len(self.shingles)
+        sig = MinHash(num_perm=self.num_perm, seed=self.seed)
+        sig.update_batch([s.encode() for s in sh])
+        twins = [j for j in sorted(self.lsh.query(sig))
+                 if len(sh & self.shingles[j]) / len(sh | self.shingles[j]) >= self.threshold]
+        if twins:
+            return twins[0]
         self.shingles.append(sh)
-        for key in keys:
-            self.buckets.setdefault(key, []).append(idx)
+        self.lsh.insert(len(self.shingles) - 1, sig)
         return None
 
 
@@ -225,7 +175,7 @@ def validate_rows(lines: list[str], count_tokens, *, max_tokens: int, on_too_lon
             result.rejected.append(Rejected(n, f"likely secret or personal data: {', '.join(flags)}"))
             continue
         if flags and pii == "redact":
-            messages = [{**m, "content": redact(m["content"])} for m in messages]
+            messages = privacy.redact_messages(messages)
             flags = [f"redacted {f}" for f in flags]
         text = normalized_text(messages)
         key = hashlib.sha256(text.encode()).hexdigest()

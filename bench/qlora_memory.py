@@ -35,10 +35,8 @@ def run_variant(variant: str, base_path: str, steps: int, seq: int, batch: int) 
     before = psutil.Process().memory_info().rss
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if lora:
-        settings = LoraSettings()
-        model = load_for_training(base_path, quant, device, {"r": settings.r, "alpha": settings.alpha,
-                                  "dropout": settings.dropout, "target_modules": settings.target_modules},
-                                  gradient_checkpointing=True, dtype=torch.bfloat16)
+        model = load_for_training(base_path, quant, device, LoraSettings(), gradient_checkpointing=True,
+                                  dtype=torch.bfloat16)
     else:
         model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.bfloat16).to(device)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

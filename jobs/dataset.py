@@ -1,6 +1,9 @@
 """The versioned training-data store.
 
     python -m jobs.dataset add name=NAME path=FILE.jsonl [dataset.max_tokens=1024] [dataset.pii=drop]
+    python -m jobs.dataset add name=NAME path=FILE.json|FILE.parquet|DIR   # a JSON array, Parquet, or save_to_disk
+
+Rows: chat messages, ShareGPT conversations, prompt/response or Alpaca instruction/input/output.
     python -m jobs.dataset list
     python -m jobs.dataset show dataset=NAME@VERSION|NAME@latest
 """
@@ -15,7 +18,7 @@ from tandem.commandline import Job, run
 from tandem.config import require
 from tandem.data.dataset_store import DatasetStore
 from tandem.data.ingest import ingest
-from tandem.errors import ConfigError
+from tandem.data.sources import read_rows
 
 JOB = Job("dataset", __doc__, ("dataset", "model"),
           shorthands={"name": "dataset.name", "path": "dataset.path", "dataset": "dataset.ref"},
@@ -24,9 +27,7 @@ JOB = Job("dataset", __doc__, ("dataset", "model"),
 
 def add(cfg) -> dict:
     name, path = require(cfg.dataset.name, "dataset.name"), Path(require(cfg.dataset.path, "dataset.path"))
-    if not path.is_file():
-        raise ConfigError(f"dataset.path={path} is not a file")
-    return ingest(cfg, name, path.read_text(encoding="utf-8", errors="replace").splitlines(), str(path.resolve()))
+    return ingest(cfg, name, read_rows(path), str(path.resolve()))
 
 
 def main(argv: list[str] | None = None):

@@ -22,7 +22,7 @@ from tandem.data.features import build_features
 from tandem.models import load_tokenizer, prepare_base
 from tandem.registry import Registry, base_model_name
 from tandem.runtime import ray_session, write_json
-from tandem.training import check_deepspeed_config, deepspeed_config_path, make_trainer
+from tandem.training import TrainJob, check_deepspeed_config, check_schedule, deepspeed_config_path, make_trainer
 
 JOB = Job("finetune", __doc__, ("dataset.ref", "dataset.root", "model", "train", "lora", "mlflow", "ray"),
           shorthands={"dataset": "dataset.ref"})
@@ -36,6 +36,15 @@ def code_version() -> str:
         return "unknown"
 
 
+def published(result, eval_every: int):
+    """The checkpoint that becomes the adapter, and its metrics: the best by eval loss when evaluations ran during
+    training, else the last."""
+    if not eval_every:
+        return result.checkpoint, result.metrics
+    best = result.get_best_checkpoint("eval_loss", "min")
+    return best, next(m for c, m in result.best_checkpoints if c.path == best.path)
+
+
 def main(argv: list[str] | None = None) -> dict:
     cfg = JOB.config(sys.argv[1:] if argv is None else argv)
     ref = require(cfg.dataset.ref, "dataset.ref")
@@ -43,6 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     ds = json.loads(ds_path.read_text()) if ds_path else None
     check_deepspeed_config(ds, cfg.train.quantization)
     version = DatasetStore(cfg.dataset.root).resolve(ref)
+    check_schedule(cfg.train, version.manifest()["rows"].get("eval", 0))
     base = prepare_base(cfg.model.path, cfg.model.cache_dir, cfg.model.dtype)
     tokenizer = load_tokenizer(base)
     features = build_features(version.rows(), tokenizer, cfg.train.max_length,
@@ -59,21 +69,23 @@ def main(argv: list[str] | None = None) -> dict:
     lineage = {"dataset": version.ref, "base_model": cfg.model.path, "base_sha256": base.sha256,
                "code_version": code_version()}
     run_id = registry.start_run(run_name, settings, lineage)
-    config = {**settings, "base_path": str(base.path), "features": str(features),
-              "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-              "mlflow": {"uri": registry.uri, "run_id": run_id}, "run_name": run_name,
-              "wandb_dir": str(Path(cfg.workdir).expanduser().resolve())}
+    job = TrainJob(train=OmegaConf.to_object(cfg.train), lora=OmegaConf.to_object(cfg.lora), deepspeed=ds,
+                   base_path=str(base.path), features=str(features),
+                   pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+                   run_name=run_name, mlflow_uri=registry.uri, mlflow_run_id=run_id,
+                   wandb_dir=str(Path(cfg.workdir).expanduser().resolve()))
     with ray_session(cfg.ray):
-        result = make_trainer(cfg, config, run_name).fit()
+        result = make_trainer(cfg, job).fit()
     if result.error:
         registry.end_run(run_id, failed=True)
         raise SystemExit(f"error: training failed: {result.error}")
-    with result.checkpoint.as_directory() as ckpt:
+    checkpoint, metrics = published(result, cfg.train.eval_every)
+    with checkpoint.as_directory() as ckpt:
         manifest = publish_adapter(
             Path(ckpt) / "adapter", Path(cfg.train.adapters_dir) / run_name,
-            {"name": run_name, "base": base.manifest(), "dataset": version.ref, "metrics": result.metrics,
-             "config": settings, "code_version": lineage["code_version"], "checkpoint": result.checkpoint.path,
-             "mlflow_run_id": run_id})
+            {"name": run_name, "base": base.manifest(), "dataset": version.ref, "metrics": metrics,
+             "last_metrics": result.metrics, "config": settings, "code_version": lineage["code_version"],
+             "checkpoint": checkpoint.path, "mlflow_run_id": run_id})
     base_name = base_model_name(cfg.model.path)
     base_version = registry.register_base(base_name, base.manifest())
     manifest["registry"] = {"name": adapter_name, "base": f"{base_name}@{base_version}",

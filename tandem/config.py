@@ -149,7 +149,8 @@ class ModelConfig:
 @dataclass
 class DatasetConfig:
     name: Optional[str] = None  # the dataset (jobs.dataset add)
-    path: Optional[str] = None  # JSONL of chat ({"messages": [...]}) or prompt/response rows
+    # rows (chat, ShareGPT, prompt/response or Alpaca) as .jsonl, a .json array, .parquet, or a save_to_disk directory
+    path: Optional[str] = None
     ref: Optional[str] = None  # NAME@VERSION or NAME@latest
     root: str = "${workdir}/datasets"  # the versioned dataset store
     eval_fraction: float = 0.1  # share of rows held out for evaluation
@@ -181,14 +182,20 @@ class TrainConfig:
     quantization: str = "nf4"  # nf4 (QLoRA, double quantization) | int8 | none (bf16/fp32 LoRA)
     deepspeed: Optional[str] = "zero2"  # a file in conf/deepspeed/ or a path; null: plain DDP
     gradient_checkpointing: bool = True  # recompute activations: less memory, slower steps
-    lr: float = 2e-4  # AdamW learning rate
+    lr: float = 2e-4  # AdamW learning rate (the peak, after warmup)
+    lr_schedule: str = "constant"  # constant | linear | cosine (transformers' schedules, decaying to 0 at the end)
+    warmup_steps: int = 0  # linear warmup from 0 over this many steps
     weight_decay: float = 0.0  # AdamW weight decay
-    batch_size: int = 4  # per worker, per step
-    grad_accum: int = 1  # micro-batches per optimizer step
-    epochs: int = 1  # passes over the training rows
+    batch_size: int = 4  # rows per worker and micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step (a step is one optimizer step)
+    epochs: int = 1  # passes over the training rows (every row, none dropped)
     max_steps: int = 0  # 0: epochs decide
     max_length: int = 512  # tokens per row; longer rows are cut
-    checkpoint_every: int = 10  # steps between checkpoints (and eval loss)
+    checkpoint_every: int = 10  # steps between checkpoints
+    # steps between eval-loss measurements, each with a checkpoint (checkpoint_every then applies no more); the job
+    # publishes the checkpoint with the lowest eval loss. 0: eval loss once, at the end, and the last is published
+    eval_every: int = 0
+    early_stopping_patience: int = 0  # with eval_every: stop after this many evaluations without a new best (0: never)
     keep_checkpoints: int = 2  # checkpoints Ray Train keeps
     max_failures: int = 2  # worker failures survived by resuming from the last checkpoint
     seed: int = 0  # data order and LoRA initialisation

@@ -13,8 +13,12 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tandem.errors import NotInstalledError
+
+if TYPE_CHECKING:
+    from tandem.config import LoraSettings
 
 MANIFEST = "tandem-base.json"
 
@@ -114,8 +118,8 @@ def quantization_config(kind: str, compute_dtype):
     raise ValueError(f"unknown quantization {kind!r}; expected nf4, int8 or none")
 
 
-def load_for_training(base_path: str | Path, quantization: str, device, lora: dict, gradient_checkpointing: bool,
-                      dtype=None):
+def load_for_training(base_path: str | Path, quantization: str, device, lora: LoraSettings,
+                      gradient_checkpointing: bool, dtype=None):
     """Base model (quantized when asked) with trainable LoRA adapters: bf16 compute on GPU, fp32 on CPU."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -132,8 +136,8 @@ def load_for_training(base_path: str | Path, quantization: str, device, lora: di
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.config.use_cache = False
-    config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                        target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM")
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
     return get_peft_model(model, config)
 
 

@@ -10,15 +10,18 @@ from the last checkpoint at the step it records: same shard, same order, nothing
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tandem.config import CONF_DIR
+from tandem.config import CONF_DIR, LoraSettings, TrainConfig
 
 DS_TAG = "deepspeed"
+SCHEDULES = ("constant", "linear", "cosine")
 
 
 def deepspeed_config_path(name: str | None) -> Path | None:
@@ -37,6 +40,18 @@ def check_deepspeed_config(ds: dict | None, quantization: str) -> None:
                          "train.quantization=none with ZeRO-3")
 
 
+def check_schedule(t: TrainConfig, eval_rows: int) -> None:
+    """Settings that would fail inside the workers, refused before any starts."""
+    if t.lr_schedule not in SCHEDULES:
+        raise ValueError(f"train.lr_schedule={t.lr_schedule}; expected one of {', '.join(SCHEDULES)}")
+    if t.early_stopping_patience and not t.eval_every:
+        raise ValueError(f"train.early_stopping_patience={t.early_stopping_patience} needs train.eval_every > 0 "
+                         "(it counts evaluations)")
+    if t.eval_every and not eval_rows:
+        raise ValueError(f"train.eval_every={t.eval_every}, but the dataset has no eval rows to measure; set "
+                         "dataset.eval_fraction when adding it, or train.eval_every=0")
+
+
 def _batches(rows: list[dict], pad_id: int):
     import torch
 
@@ -52,170 +67,289 @@ def _batches(rows: list[dict], pad_id: int):
     return ids, labels, mask
 
 
-def train_loop(config: dict) -> None:
-    """The function every Ray Train worker runs."""
-    import torch
+@dataclass
+class TrainJob:
+    """What every Ray Train worker needs, typed: the job's settings and where its inputs are."""
+    train: TrainConfig
+    lora: LoraSettings
+    deepspeed: dict | None  # the DeepSpeed config as loaded; None: plain DDP
+    base_path: str
+    features: str  # the cached Parquet features (input_ids, labels, split)
+    pad_id: int
+    run_name: str
+    mlflow_uri: str | None = None
+    mlflow_run_id: str | None = None  # also the W&B run id, so a restarted group resumes the same W&B run
+    wandb_dir: str = "."
 
-    use_gpu = config["train"]["use_gpu"] and torch.cuda.is_available()  # a GPU worker without CUDA: the CPU
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")  # before DeepSpeed is imported
-    import pyarrow.parquet as pq
-    import ray.train
-    import torch.distributed as dist
 
-    from tandem.models import load_for_training
+@dataclass
+class Progress:
+    """What a checkpoint records beside the weights, so a restarted group goes on exactly where it stopped."""
+    step: int = 0
+    best_eval_loss: float | None = None
+    evals_since_best: int = 0
 
-    t = config["train"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = torch.device("cpu")
-    if use_gpu:
-        device = torch.device("cuda", ctx.get_local_rank())
-        torch.cuda.set_device(device)
-    torch.manual_seed(t["seed"])
-    model = load_for_training(config["base_path"], t["quantization"], device, config["lora"],
-                              t["gradient_checkpointing"])
 
-    features = pq.read_table(config["features"]).to_pylist()
-    rows = [r for r in features if r["split"] == "train"]
-    eval_rows = [r for r in features if r["split"] == "eval"]
-    shard = rows[rank::world]
-    steps_per_epoch = max(1, len(rows) // world // t["batch_size"])
-    total_steps = t["max_steps"] or t["epochs"] * steps_per_epoch
-    pad_id = config["pad_id"]
+def steps_per_epoch(rows: int, world: int, batch_size: int, grad_accum: int) -> int:
+    """Optimizer steps that see every row once: each worker's share rounded up, never dropped."""
+    return max(1, math.ceil(math.ceil(rows / world) / (batch_size * grad_accum)))
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    if config["deepspeed"] is not None:
-        import deepspeed
 
-        ds = dict(config["deepspeed"])
-        ds.update(train_micro_batch_size_per_gpu=t["batch_size"], gradient_accumulation_steps=t["grad_accum"],
-                  train_batch_size=t["batch_size"] * t["grad_accum"] * world)
-        if device.type == "cuda":
-            ds["bf16"] = {"enabled": True}
-        optimizer = torch.optim.AdamW(params, lr=t["lr"], weight_decay=t["weight_decay"])
-        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=params,
-                                                       config=ds)
-    else:
-        engine = ray.train.torch.prepare_model(model, move_to_device=False)
-        optimizer = torch.optim.AdamW(params, lr=t["lr"], weight_decay=t["weight_decay"])
+def epoch_batches(shard: list, steps: int, grad_accum: int, seed: int) -> list[list]:
+    """This worker's micro-batches for one epoch, shuffled by `seed`: every row once, in `steps * grad_accum`
+    micro-batches of near-equal size. Every worker gets the same count (their collectives must line up); a shard
+    with fewer rows than micro-batches repeats rows rather than leave one empty."""
+    order = list(shard)
+    random.Random(seed).shuffle(order)
+    count = steps * grad_accum
+    order += order[: max(0, count - len(order))]
+    size, extra = divmod(len(order), count)
+    bounds = [i * size + min(i, extra) for i in range(count + 1)]
+    return [order[a:b] for a, b in zip(bounds, bounds[1:])]
 
-    start = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            start = json.loads((Path(d) / "progress.json").read_text())["step"]
-            if config["deepspeed"] is not None:
-                engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=False)
-            else:
-                state = torch.load(Path(d) / "trainable.pt", map_location=device)
-                engine.module.load_state_dict(state["model"], strict=False)
-                optimizer.load_state_dict(state["optimizer"])
 
-    def order(epoch: int) -> list[dict]:
-        picked = list(shard)
-        random.Random(t["seed"] * 1000 + epoch).shuffle(picked)
-        return picked
+class LoRARecipe:
+    """Distributed (Q)LoRA fine-tuning in the shape of torchtune's recipes: setup, train, save_checkpoint, cleanup.
 
-    def step_loss(batch_rows) -> torch.Tensor:
-        ids, labels, mask = (x.to(device) for x in _batches(batch_rows, pad_id))
-        return engine(input_ids=ids, attention_mask=mask, labels=labels).loss
+    A step is one optimizer step over `grad_accum` micro-batches of `batch_size` rows on each worker. The learning
+    rate follows transformers' schedules (constant, linear or cosine after a linear warmup). With `eval_every`, the
+    eval loss is measured every that many steps, each measurement comes with a checkpoint (so the job can publish
+    the best by eval loss), and `early_stopping_patience` evaluations without improvement end the run.
+    """
 
-    def mean_across_workers(value: float) -> float:
-        tensor = torch.tensor([value], dtype=torch.float64, device=device)
-        dist.all_reduce(tensor)
-        return tensor.item() / world
+    def __init__(self, job: TrainJob):
+        self.job, self.t = job, job.train
+        self.progress = Progress()
 
-    wandb_run = None
-    if rank == 0 and t.get("wandb_project"):
-        import wandb
+    def setup(self) -> None:
+        import pyarrow.parquet as pq
+        import ray.train
+        import torch
+        from transformers import get_scheduler
 
-        # the MLflow run id doubles as the W&B id, so a restarted group resumes the same W&B run
-        wandb_run = wandb.init(project=t["wandb_project"], id=config["mlflow"]["run_id"], name=config["run_name"],
-                               resume="allow", mode=t.get("wandb_mode"), dir=config["wandb_dir"],
-                               config={k: config[k] for k in ("train", "lora", "deepspeed")})
-    mlflow_client = None
-    if rank == 0 and config.get("mlflow"):
-        from mlflow import MlflowClient
+        from tandem.models import load_for_training
 
-        from tandem.registry import log_run_metrics
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = torch.device("cpu")
+        if self.use_gpu:
+            self.device = torch.device("cuda", ctx.get_local_rank())
+            torch.cuda.set_device(self.device)
+        torch.manual_seed(self.t.seed)
+        model = load_for_training(self.job.base_path, self.t.quantization, self.device, self.job.lora,
+                                  self.t.gradient_checkpointing)
+        features = pq.read_table(self.job.features).to_pylist()
+        rows = [r for r in features if r["split"] == "train"]
+        self.shard = rows[self.rank :: self.world]
+        self.eval_rows = [r for r in features if r["split"] == "eval"][self.rank :: self.world]
+        self.steps_per_epoch = steps_per_epoch(len(rows), self.world, self.t.batch_size, self.t.grad_accum)
+        self.total_steps = self.t.max_steps or self.t.epochs * self.steps_per_epoch
 
-        mlflow_client = MlflowClient(tracking_uri=config["mlflow"]["uri"])
-    engine.train()
-    recent: list[float] = []
-    started = time.monotonic()
-    tokens = 0
-    for step in range(start, total_steps):
-        epoch, index = divmod(step, steps_per_epoch)
-        batch_rows = order(epoch)[index * t["batch_size"] : (index + 1) * t["batch_size"]]
-        loss = step_loss(batch_rows)
-        tokens += sum(len(r["input_ids"]) for r in batch_rows)
-        if config["deepspeed"] is not None:
-            engine.backward(loss)
-            engine.step()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.t.lr, weight_decay=self.t.weight_decay)
+        schedule = "constant_with_warmup" if self.t.lr_schedule == "constant" else self.t.lr_schedule
+        self.scheduler = get_scheduler(schedule, self.optimizer, num_warmup_steps=self.t.warmup_steps,
+                                       num_training_steps=self.total_steps)
+        if self.job.deepspeed is not None:
+            import deepspeed
+
+            ds = dict(self.job.deepspeed)
+            ds.update(train_micro_batch_size_per_gpu=self.t.batch_size, gradient_accumulation_steps=self.t.grad_accum,
+                      train_batch_size=self.t.batch_size * self.t.grad_accum * self.world)
+            if self.device.type == "cuda":
+                ds["bf16"] = {"enabled": True}
+            # DeepSpeed steps the optimizer and the schedule at accumulation boundaries and checkpoints both
+            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=model, optimizer=self.optimizer, lr_scheduler=self.scheduler, model_parameters=self.params,
+                config=ds)
         else:
-            (loss / t["grad_accum"]).backward()
-            if (step + 1) % t["grad_accum"] == 0:
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizer.step()
-                optimizer.zero_grad()
-        recent.append(loss.item())
-        done = step + 1
-        if done % t["checkpoint_every"] == 0 or done == total_steps:
-            metrics = {"step": done, "epoch": epoch, "loss": mean_across_workers(sum(recent) / len(recent)),
-                       "tokens_per_s": mean_across_workers(tokens / (time.monotonic() - started)) * world,
+            self.engine = ray.train.torch.prepare_model(model, move_to_device=False)
+        self._restore()
+        self._start_trackers()
+
+    @property
+    def use_gpu(self) -> bool:
+        import torch
+
+        return self.t.use_gpu and torch.cuda.is_available()  # a GPU worker without CUDA trains on its CPU
+
+    def _restore(self) -> None:
+        import ray.train
+        import torch
+
+        checkpoint = ray.train.get_checkpoint()
+        if not checkpoint:
+            return
+        with checkpoint.as_directory() as d:
+            saved = json.loads((Path(d) / "progress.json").read_text())
+            self.progress = Progress(**{k: saved[k] for k in asdict(Progress()) if k in saved})
+            if self.job.deepspeed is not None:
+                self.engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=False)
+            else:
+                state = torch.load(Path(d) / "trainable.pt", map_location=self.device)
+                self.engine.module.load_state_dict(state["model"], strict=False)
+                self.optimizer.load_state_dict(state["optimizer"])
+                self.scheduler.load_state_dict(state["scheduler"])
+
+    def _start_trackers(self) -> None:
+        self.wandb_run = self.mlflow = None
+        if self.rank != 0:
+            return
+        if self.t.wandb_project:
+            import wandb
+
+            self.wandb_run = wandb.init(project=self.t.wandb_project, id=self.job.mlflow_run_id,
+                                        name=self.job.run_name, resume="allow", mode=self.t.wandb_mode,
+                                        dir=self.job.wandb_dir, config={"train": asdict(self.t),
+                                                                        "lora": asdict(self.job.lora),
+                                                                        "deepspeed": self.job.deepspeed})
+        if self.job.mlflow_run_id:
+            from mlflow import MlflowClient
+
+            self.mlflow = MlflowClient(tracking_uri=self.job.mlflow_uri)
+
+    def _loss(self, rows: list[dict]):
+        ids, labels, mask = (x.to(self.device) for x in _batches(rows, self.job.pad_id))
+        return self.engine(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+    def _mean(self, value: float) -> float:
+        """The mean over workers: every worker gets the same number, so all decide alike."""
+        import torch
+        import torch.distributed as dist
+
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return tensor.item() / self.world
+
+    def train(self) -> None:
+        import torch
+
+        self.engine.train()
+        recent, tokens, started = [], 0, time.monotonic()
+        start, batches, batches_epoch = self.progress.step, [], None
+        accum = self.t.grad_accum
+        for step in range(start, self.total_steps):
+            epoch, index = divmod(step, self.steps_per_epoch)
+            if epoch != batches_epoch:
+                batches_epoch = epoch
+                batches = epoch_batches(self.shard, self.steps_per_epoch, accum, self.t.seed * 1000 + epoch)
+            micro = batches[index * accum : (index + 1) * accum]
+            for rows in micro:
+                loss = self._loss(rows)
+                tokens += sum(len(r["input_ids"]) for r in rows)
+                recent.append(loss.item())
+                if self.job.deepspeed is not None:
+                    self.engine.backward(loss)
+                    self.engine.step()
+                else:
+                    (loss / len(micro)).backward()
+            if self.job.deepspeed is None:
+                torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad()
+            done = self.progress.step = step + 1
+            last = done == self.total_steps
+            evaluate = last or bool(self.t.eval_every and done % self.t.eval_every == 0)
+            if not (last or done % (self.t.eval_every or self.t.checkpoint_every) == 0):
+                continue
+            metrics = {"step": done, "epoch": epoch, "loss": self._mean(sum(recent) / len(recent)),
+                       "lr": self.scheduler.get_last_lr()[0],
+                       "tokens_per_s": self._mean(tokens / (time.monotonic() - started)) * self.world,
                        "resumed_from": start}
-            if done == total_steps:
-                metrics["eval_loss"] = _eval_loss(eval_rows[rank::world], step_loss, mean_across_workers)
             recent.clear()
-            if rank == 0 and mlflow_client is not None:
-                log_run_metrics(mlflow_client, config["mlflow"]["run_id"], metrics, done)
-            if wandb_run is not None:
-                wandb_run.log(metrics, step=done)
-            _report(engine, optimizer, metrics, rank, config["deepspeed"] is not None)
-    if wandb_run is not None:
-        wandb_run.finish()
+            stop = False
+            if evaluate:
+                metrics["eval_loss"] = self.evaluate()
+                stop = self._track_best(metrics["eval_loss"])
+                metrics.update(best_eval_loss=self.progress.best_eval_loss, stopped_early=stop)
+            self.save_checkpoint(metrics)
+            if stop:
+                break
+
+    def evaluate(self) -> float | None:
+        """Mean loss over the eval split (each worker its share), in eval mode."""
+        import torch
+
+        if not self.eval_rows:
+            return None
+        self.engine.eval()
+        with torch.no_grad():
+            losses = [self._loss([r]).item() for r in self.eval_rows]
+        self.engine.train()
+        return self._mean(sum(losses) / len(losses))
+
+    def _track_best(self, eval_loss: float | None) -> bool:
+        """Whether to stop early: `early_stopping_patience` evaluations in a row without a new best."""
+        p = self.progress
+        if eval_loss is None:
+            return False
+        if p.best_eval_loss is None or eval_loss < p.best_eval_loss:
+            p.best_eval_loss, p.evals_since_best = eval_loss, 0
+        else:
+            p.evals_since_best += 1
+        return bool(self.t.early_stopping_patience) and p.evals_since_best >= self.t.early_stopping_patience
+
+    def save_checkpoint(self, metrics: dict) -> None:
+        """Every rank its DeepSpeed shard (trainable parameters and optimizer state only), rank 0 the PEFT adapter
+        and the progress; all report the one checkpoint to Ray Train, and rank 0 logs the metrics."""
+        import ray.train
+        import torch
+
+        if self.rank == 0:
+            if self.mlflow is not None:
+                from tandem.registry import log_run_metrics
+
+                log_run_metrics(self.mlflow, self.job.mlflow_run_id, metrics, metrics["step"])
+            if self.wandb_run is not None:
+                self.wandb_run.log(metrics, step=metrics["step"])
+        with tempfile.TemporaryDirectory() as tmp:
+            if self.job.deepspeed is not None:
+                self.engine.save_checkpoint(tmp, tag=DS_TAG, exclude_frozen_parameters=True)
+            if self.rank == 0:
+                module = self.engine.module
+                module.save_pretrained(Path(tmp) / "adapter")
+                (Path(tmp) / "progress.json").write_text(json.dumps({**metrics, **asdict(self.progress)}))
+                if self.job.deepspeed is None:
+                    trainable = {k: v for k, v in module.state_dict().items() if "lora_" in k}
+                    torch.save({"model": trainable, "optimizer": self.optimizer.state_dict(),
+                                "scheduler": self.scheduler.state_dict()}, Path(tmp) / "trainable.pt")
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    def cleanup(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
 
 
-def _eval_loss(rows, step_loss, mean_across_workers) -> float | None:
+def train_loop(config: dict) -> None:
+    """The function every Ray Train worker runs: {"job": TrainJob}."""
     import torch
 
-    if not rows:
-        return None
-    with torch.no_grad():
-        losses = [step_loss([r]).item() for r in rows]
-    return mean_across_workers(sum(losses) / len(losses))
+    job: TrainJob = config["job"]
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if job.train.use_gpu and torch.cuda.is_available() else "cpu")
+    recipe = LoRARecipe(job)  # DeepSpeed is imported only after the accelerator is set (in setup)
+    recipe.setup()
+    try:
+        recipe.train()
+    finally:
+        recipe.cleanup()
 
 
-def _report(engine, optimizer, metrics: dict, rank: int, uses_deepspeed: bool) -> None:
-    import ray.train
-    import torch
-
-    with tempfile.TemporaryDirectory() as tmp:
-        if uses_deepspeed:
-            engine.save_checkpoint(tmp, tag=DS_TAG, exclude_frozen_parameters=True)
-        if rank == 0:
-            module = engine.module
-            module.save_pretrained(Path(tmp) / "adapter")
-            (Path(tmp) / "progress.json").write_text(json.dumps(metrics))
-            if not uses_deepspeed:
-                trainable = {k: v for k, v in module.state_dict().items() if "lora_" in k}
-                torch.save({"model": trainable, "optimizer": optimizer.state_dict()}, Path(tmp) / "trainable.pt")
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-
-def make_trainer(cfg, config: dict, run_name: str):
-    """A TorchTrainer for `train_loop` with resources, checkpoint retention and failure handling from `cfg.train`."""
+def make_trainer(cfg, job: TrainJob):
+    """A TorchTrainer for `train_loop` with resources, checkpoint retention and failure handling from `cfg.train`;
+    with `eval_every`, the checkpoints kept are the best by eval loss (and always the latest, to resume from)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     t = cfg.train
     resources = {"CPU": t.cpus_per_worker} | ({"GPU": 1} if t.use_gpu else {})
+    best = {"checkpoint_score_attribute": "eval_loss", "checkpoint_score_order": "min"} if t.eval_every else {}
     return TorchTrainer(
         train_loop,
-        train_loop_config=config,
+        train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend=t.backend or ("nccl" if t.use_gpu else "gloo")),
-        run_config=RunConfig(name=run_name, storage_path=str(Path(t.storage_path).expanduser().resolve()),
-                             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+        run_config=RunConfig(name=job.run_name, storage_path=str(Path(t.storage_path).expanduser().resolve()),
+                             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints, **best),
                              failure_config=FailureConfig(max_failures=t.max_failures)),
     )

@@ -168,3 +168,43 @@ def test_dataset_job_with_the_base_tokenizer(workdir, tmp_path, capsys):
         dataset_main(["add", "dataset.name=demo", f"dataset.path={path}"])
     assert "bad JSON" in capsys.readouterr().out
     assert len(dataset_main(["list"])) == 1  # nothing stored for the failed batch
+
+
+def test_alpaca_sharegpt_parquet_and_saved_datasets_pass_the_same_checks(workdir, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Dataset, DatasetDict
+
+    alpaca = [{"instruction": f"Name the topic of chapter {i}.", "input": f"Chapter {i} covers {t}.",
+               "output": f"{t}."} for i, t in enumerate(["Ray", "Milvus", "PEFT", "LoRA"])]
+    sharegpt = [{"conversations": [{"from": "human", "value": f"What does {t} do?"},
+                                   {"from": "gpt", "value": f"{t} does its own job, number {i}."}]}
+                for i, t in enumerate(["Serve", "Train", "Data", "Tune"])]
+    bad = [{"conversations": [{"from": "human", "value": "hi"}, {"from": "observation", "value": "x"}]},
+           {"instruction": "No output given", "input": ""}]
+    (tmp_path / "alpaca.json").write_text(json.dumps(alpaca + bad[1:]))
+    pq.write_table(pa.Table.from_pylist(sharegpt), tmp_path / "sharegpt.parquet")
+    DatasetDict({"train": Dataset.from_list(alpaca[:3]), "test": Dataset.from_list(alpaca[3:])}).save_to_disk(
+        str(tmp_path / "saved"))
+    (tmp_path / "mixed.jsonl").write_text("\n".join(json.dumps(r) for r in sharegpt[:2] + bad[:1]) + "\n")
+    store = DatasetStore(workdir / "datasets")
+
+    def add(name: str, path) -> list[dict]:
+        manifest = dataset_main(["add", f"name={name}", f"path={path}", "dataset.max_reject_fraction=0.5",
+                                 "dataset.eval_fraction=0.0"])
+        return [*store.resolve(f"{name}@{manifest['version']}").rows()]
+
+    rows = add("alpaca", tmp_path / "alpaca.json")
+    assert [m["content"] for m in rows[0]["messages"]] == ["Name the topic of chapter 0.\n\nChapter 0 covers Ray.",
+                                                           "Ray."]
+    rejected = (store.resolve("alpaca@latest").path / "rejected.jsonl").read_text()
+    assert "bad schema: expected messages, conversations (ShareGPT)" in rejected and '"line": 5' in rejected
+    rows = add("sharegpt", tmp_path / "sharegpt.parquet")
+    assert len(rows) == 4 and [m["role"] for m in rows[0]["messages"]] == ["user", "assistant"]
+    rows = add("saved", tmp_path / "saved")
+    assert sorted(r["split"] for r in rows) == ["eval", "train", "train", "train"]  # the test split evaluates
+    add("mixed", tmp_path / "mixed.jsonl")
+    assert "bad role: observation" in (store.resolve("mixed@latest").path / "rejected.jsonl").read_text()
+    (tmp_path / "rows.csv").write_text("instruction,output\n")
+    with pytest.raises(ConfigError, match="expected .jsonl, .json, .parquet"):
+        dataset_main(["add", "name=x", f"path={tmp_path / 'rows.csv'}"])

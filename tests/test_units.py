@@ -199,3 +199,39 @@ def test_grafana_dashboard_uses_the_metrics_the_app_exports():
     used = {m for p in dashboard["panels"] for t in p["targets"]
             for m in re.findall(r"ray_(tandem_\w+?)(?:_total|_bucket)\b", t["expr"])}
     assert used and used <= defined and defined <= used | {"tandem_retrieved_chunks"}
+
+
+def test_epochs_use_every_row_and_workers_keep_in_step():
+    from tandem.training import epoch_batches, steps_per_epoch
+
+    rows = list(range(21))  # 2 workers: shards of 11 and 10
+    steps = steps_per_epoch(len(rows), 2, batch_size=2, grad_accum=2)
+    assert steps == 3  # ceil(11 / 4): `//` used to drop the leftover rows every epoch
+    shards = [rows[0::2], rows[1::2]]
+    batches = [epoch_batches(s, steps, 2, seed=7) for s in shards]
+    assert [len(b) for b in batches] == [6, 6]  # the same micro-batch count on every worker: collectives line up
+    assert all(1 <= len(m) <= 2 for b in batches for m in b)
+    assert sorted(r for b in batches for m in b for r in m) == rows  # each row once (shards of 11 and 10 rows)
+    assert sorted(r for m in epoch_batches([1, 2], 2, 2, seed=0) for r in m) == [1, 1, 2, 2]  # fewer rows than
+    # micro-batches: rows repeat rather than leave a micro-batch empty
+    assert epoch_batches(shards[0], steps, 2, seed=7) == batches[0]  # the order a resumed worker sees again
+    assert epoch_batches(shards[0], steps, 2, seed=8) != batches[0]
+
+
+def test_schedule_settings_are_checked_before_workers_start():
+    from tandem.training import LoRARecipe, TrainJob, check_schedule
+
+    cfg = load_config("finetune", ["train.eval_every=2", "train.early_stopping_patience=2"])
+    check_schedule(cfg.train, eval_rows=4)
+    with pytest.raises(ValueError, match="no eval rows"):
+        check_schedule(cfg.train, eval_rows=0)
+    with pytest.raises(ValueError, match="lr_schedule=cosin; expected one of constant, linear, cosine"):
+        check_schedule(load_config("finetune", ["train.lr_schedule=cosin"]).train, eval_rows=4)
+    with pytest.raises(ValueError, match="needs train.eval_every"):
+        check_schedule(load_config("finetune", ["train.early_stopping_patience=3"]).train, eval_rows=4)
+    from omegaconf import OmegaConf
+
+    recipe = LoRARecipe(TrainJob(OmegaConf.to_object(cfg.train), OmegaConf.to_object(cfg.lora), None, "", "", 0, "x"))
+    assert [recipe._track_best(x) for x in (3.0, 2.5, 2.6, 2.5, 2.4, 2.7, 2.8)] == \
+        [False, False, False, True, False, False, True]  # two evaluations in a row without a new best: stop
+    assert recipe.progress.best_eval_loss == 2.4

@@ -1,10 +1,12 @@
 """Validation of training rows. Every rejected row keeps its line number and the reason; nothing is dropped quietly.
 
-Rows are chat (`{"messages": [{"role", "content", optional "weight": 0|1}, ...]}`) or prompt/response
-(`{"prompt", "response"}`, optional `system`); both become messages. Checks, in order: schema and roles, empty
-turns, token length (reject or truncate), likely secrets and personal data (tandem/data/privacy.py: flag, drop
-or redact), exact and near duplicates (MinHash LSH), and overlap between the train and eval splits (which
-near-duplicate grouping makes impossible by construction: a group is assigned to one split).
+Rows are chat (`{"messages": [{"role", "content", optional "weight": 0|1}, ...]}`), ShareGPT (`{"conversations":
+[{"from": "human"|"gpt"|"system", "value"}, ...]}`), prompt/response (`{"prompt", "response"}`) or Alpaca
+(`{"instruction", "input", "output"}`), each with an optional `system`; all become messages. Checks, in order:
+schema and roles, empty turns, token length (reject or truncate), likely secrets and personal data
+(tandem/data/privacy.py: flag, drop or redact), exact and near duplicates (MinHash LSH), and overlap between the
+train and eval splits (which near-duplicate grouping makes impossible by construction: a group is assigned to one
+split).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from tandem.data import privacy
 from tandem.errors import ConfigError
 
 ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 @dataclass
 class Rejected:
@@ -58,6 +61,8 @@ def to_messages(obj) -> list[dict]:
     """Normalise one row to messages, or raise ValueError with the reason."""
     if not isinstance(obj, dict):
         raise ValueError(f"bad schema: a row must be a JSON object, got {type(obj).__name__}")
+    if "conversations" in obj:
+        obj = {"messages": _sharegpt(obj)}
     if "messages" in obj:
         messages = obj["messages"]
         if not isinstance(messages, list) or not messages:
@@ -70,16 +75,36 @@ def to_messages(obj) -> list[dict]:
             if m.get("weight") == 0 and i == len(messages) - 1:
                 raise ValueError("bad schema: the last turn has weight 0, so the row would teach nothing")
         # weight 0 (Axolotl's per-message field): a turn kept as context that gets no loss
-        messages = [{"role": m["role"], "content": m["content"], **({"weight": 0} if m.get("weight") == 0 else {})}
-                    for m in messages]
-    elif "prompt" in obj and "response" in obj:
-        if not all(isinstance(obj.get(k, ""), str) for k in ("prompt", "response", "system")):
-            raise ValueError("bad schema: prompt, response and system must be strings")
-        messages = ([{"role": "system", "content": obj["system"]}] if obj.get("system") else []) + [
-            {"role": "user", "content": obj["prompt"]}, {"role": "assistant", "content": obj["response"]}]
-    else:
-        raise ValueError("bad schema: expected messages, or prompt and response")
-    return messages
+        return [{"role": m["role"], "content": m["content"], **({"weight": 0} if m.get("weight") == 0 else {})}
+                for m in messages]
+    if "prompt" in obj and "response" in obj:
+        return _single_turn(obj, "prompt", "response", obj.get("prompt"))
+    if "instruction" in obj and "output" in obj:  # Alpaca: the input, when there is one, follows the instruction
+        if not isinstance(obj.get("input", ""), str):
+            raise ValueError("bad schema: instruction, input, output and system must be strings")
+        text = obj["instruction"] + (f"\n\n{obj['input']}" if obj.get("input") else "")
+        return _single_turn(obj, "instruction", "output", text if isinstance(obj["instruction"], str) else None)
+    raise ValueError("bad schema: expected messages, conversations (ShareGPT), prompt and response, or instruction "
+                     "and output (Alpaca)")
+
+
+def _single_turn(obj: dict, asked: str, answer: str, prompt) -> list[dict]:
+    if not all(isinstance(x, str) for x in (prompt, obj[answer], obj.get("system", ""))):
+        raise ValueError(f"bad schema: {asked}, {answer} and system must be strings")
+    return ([{"role": "system", "content": obj["system"]}] if obj.get("system") else []) + [
+        {"role": "user", "content": prompt}, {"role": "assistant", "content": obj[answer]}]
+
+
+def _sharegpt(obj: dict) -> list[dict]:
+    """ShareGPT turns ({"from": human|gpt|system, "value"}) as messages; an unknown `from` stays, for check_roles to
+    name."""
+    turns = obj["conversations"]
+    if not isinstance(turns, list) or not turns or not all(isinstance(t, dict) for t in turns):
+        raise ValueError("bad schema: conversations must be a non-empty list of {from, value} objects")
+    system = [{"role": "system", "content": obj["system"]}] if obj.get("system") else []
+    return system + [{**{k: v for k, v in t.items() if k not in ("from", "value")},
+                      "role": SHAREGPT_ROLES.get(t.get("from"), t.get("from")), "content": t.get("value")}
+                     for t in turns]
 
 
 def check_roles(messages: list[dict]) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from tandem.commandline import run
 
 JOBS = ("index", "search", "eval_retrieval", "prepare_data", "prepare_base", "dataset", "finetune", "validate",
-        "evaluate", "registry", "promote", "feedback", "review", "pipeline", "report", "keys", "logs")
+        "evaluate", "registry", "promote", "export", "feedback", "review", "pipeline", "report", "keys", "logs")
 
 
 def _summary(module: str) -> str:

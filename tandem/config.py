@@ -222,6 +222,14 @@ class RegistryConfig:
 
 
 @dataclass
+class ExportConfig:
+    adapter: Optional[str] = None  # NAME@ALIAS or NAME@VERSION in the registry
+    dtype: str = "bfloat16"  # bfloat16 | float16 | float32: the merged weights' dtype
+    dir: Optional[str] = None  # null: ${workdir}/merged/<adapter>-v<version>-<dtype>
+    name: Optional[str] = None  # registered model the merged weights become a version of; null: <adapter>-merged
+
+
+@dataclass
 class ValidateConfig:
     adapter: Optional[str] = None  # NAME@ALIAS or NAME@VERSION in the registry
     split: str = "test"  # the split of evaluate.qa asked: fixed and trusted, never the validated dataset's eval split
@@ -405,6 +413,7 @@ class TandemConfig:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)

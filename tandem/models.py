@@ -59,7 +59,7 @@ def prepare_base(source: str, cache_dir: str | Path, dtype: str = "bfloat16") ->
         local = Path(source)
         weights = sorted(local.glob("*.safetensors")) if local.is_dir() else []
         return BaseModel(local if local.is_dir() else Path(source), source,
-                         _hash_files(weights) if weights else hashlib.sha256(source.encode()).hexdigest())
+                         hash_files(weights) if weights else hashlib.sha256(source.encode()).hexdigest())
     gguf = packaged_gguf(source[5:])
     digest = sha256_file(gguf)
     out = Path(cache_dir).expanduser().resolve() / f"{gguf.stem.lower()}-{digest[:12]}"
@@ -83,14 +83,15 @@ def prepare_base(source: str, cache_dir: str | Path, dtype: str = "bfloat16") ->
     model.generation_config = loaded.generation_config
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    weights_hash = _hash_files(sorted(tmp.glob("*.safetensors")))
+    weights_hash = hash_files(sorted(tmp.glob("*.safetensors")))
     (tmp / MANIFEST).write_text(json.dumps({"source": source, "gguf": gguf.name, "gguf_sha256": digest,
                                             "dtype": dtype, "sha256": weights_hash}, indent=2) + "\n")
     tmp.rename(out)  # only a complete conversion ever carries the final name
     return BaseModel(out, source, weights_hash)
 
 
-def _hash_files(files: list[Path]) -> str:
+def hash_files(files: list[Path]) -> str:
+    """One digest over several weight files (names and contents), e.g. a sharded checkpoint."""
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode())

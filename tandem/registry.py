@@ -102,6 +102,14 @@ class Registry:
         self.set_alias(name, "candidate", mv.version, reason="trained")
         return mv.version
 
+    def register_merged(self, name: str, manifest: dict) -> str:
+        """Merged weights as a version of `name`, tagged with the adapter version and base they were made from."""
+        self._ensure_model(name, "merged")
+        tags = {"sha256": manifest["sha256"], "adapter": manifest["adapter"],
+                "adapter_sha256": manifest["adapter_sha256"], "base_sha256": manifest["base"]["sha256"],
+                "dtype": manifest["dtype"]}
+        return self.client.create_model_version(name, source=manifest["path"], tags=tags).version
+
     def set_alias(self, name: str, alias: str, version: str, reason: str = "", who: str | None = None) -> None:
         self.client.set_registered_model_alias(name, alias, str(version))
         record = {"alias": alias, "who": who or getpass.getuser(), "why": reason, "when": time.time()}

@@ -133,3 +133,38 @@ def test_validation_gates_record_why_an_adapter_fails(killed_and_resumed, milvus
     assert tagged["passed"] is False and tagged["reasons"] == report["reasons"]
     assert "validated" not in registry.client.get_registered_model("tiny").aliases
     assert json.loads((tmp_path / "report.json").read_text())["reasons"] == report["reasons"]
+
+
+def test_export_merges_an_adapter_into_weights_that_answer_as_base_plus_adapter(workdir, tmp_path):
+    """Merged float32 weights give the logits of base + adapter; bf16 ones what bf16 rounding leaves of them. The
+    adapter has random weights (tests/random_adapters.py), so the merge visibly changes the base."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from jobs.export import main as export_main
+    from random_adapters import random_adapters
+    from tandem.models import load_for_inference, load_tokenizer, prepare_base
+
+    cfg = load_config("export")
+    registry = Registry.from_config(cfg)
+    base = prepare_base(cfg.model.path, cfg.model.cache_dir, cfg.model.dtype)
+    [ref] = random_adapters(registry, base, "exported", 1, tmp_path / "adapters", cfg.lora, seed=3)
+    merged = export_main([f"adapter={ref}", "export.dtype=float32"])
+    assert merged["registry"]["name"] == "exported-merged" and merged["adapter"] == ref
+    version = registry.client.get_model_version("exported-merged", merged["registry"]["version"])
+    assert version.tags["sha256"] == merged["sha256"] and version.tags["base_sha256"] == base.sha256
+    ids = load_tokenizer(base)("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        unmerged = load_for_inference(base.path, registry.download(ref), device="cpu")
+        expected = unmerged(ids).logits
+        plain = unmerged.disable_adapter()
+        with plain:
+            base_logits = unmerged(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(merged["path"], dtype=torch.float32)(ids).logits
+    assert (expected - base_logits).abs().max() > 0.1  # the adapter changes the answer
+    torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-3)
+    half = export_main([f"adapter={ref}"])  # the default: bf16, a vLLM-ready directory
+    assert half["dtype"] == "bfloat16" and (Path(half["path"]) / "tokenizer.json").is_file()
+    assert json.loads((Path(half["path"]) / "config.json").read_text())["dtype"] == "bfloat16"
+    with pytest.raises(FileExistsError, match="immutable"):
+        export_main([f"adapter={ref}"])

@@ -8,6 +8,8 @@
 - A corrected answer (any rating) becomes a row with the correction in place of the answer, once it is trusted: sent
   without a key (loopback), by a key in feedback.trusted_keys, or accepted with `jobs.review`. Until then it waits,
   counted; a rejected one leaves the request out.
+- A trusted correction of an answer rated bad (-1) is also a preference pair: the correction chosen, the answer
+  served rejected. The pairs become a version of `<name>-preferences` (`train.objective=dpo` trains on it).
 - Answers rated bad without a correction, unrated, failed and shadow answers are left out, and counted; so are log
   lines that are torn or undecodable (a writer killed mid-record), each reported with its file and line.
 The rows then go through the same validation and store as any training data (`tandem.data.ingest`): duplicates and
@@ -41,17 +43,19 @@ def correction_state(f: dict, trusted_keys: set[str], decisions: dict[str, str])
 
 
 def training_rows(requests: list[dict], feedback: list[dict], route: str, trusted_keys: set[str] = frozenset(),
-                  decisions: dict[str, str] | None = None) -> tuple[list[dict], dict]:
-    """(rows with their request id and key id, counts of what was left out and why).
+                  decisions: dict[str, str] | None = None) -> tuple[list[dict], list[dict], dict]:
+    """(rows with their request id and key id, preference pairs, counts of what was left out and why).
 
     One row per distinct prompt: a correction beats a good rating, and a later one an earlier one, so the same
     question asked twice does not teach two answers. A correction from a key that is not trusted waits for
-    `jobs.review` and a rejected one leaves its request out; both are counted.
+    `jobs.review` and a rejected one leaves its request out; both are counted. A trusted correction of an answer
+    rated bad is also a preference pair: the correction chosen over the answer served.
     """
     latest = {f["request_id"]: f for f in feedback}  # the last word on a request counts
     decisions = decisions or {}
-    rows, skipped = [], {"unrated": 0, "rated bad, no correction": 0, "neutral": 0, "not ok": 0, "superseded": 0,
-                         "correction awaiting review": 0, "correction rejected in review": 0}
+    rows, pairs = [], []
+    skipped = {"unrated": 0, "rated bad, no correction": 0, "neutral": 0, "not ok": 0, "superseded": 0,
+               "correction awaiting review": 0, "correction rejected in review": 0}
     for r in requests:
         if r["route"] != route or r["variant"] == "shadow":
             continue
@@ -78,15 +82,27 @@ def training_rows(requests: list[dict], feedback: list[dict], route: str, truste
             rows.append({"messages": [*served, {"role": "assistant", "content": answer}],
                          "request_id": r["request_id"], "key_id": r.get("key_id"), "corrected": corrected,
                          "rank": (corrected, f["time"])})
+            if corrected and f["rating"] < 0:
+                pairs.append({"messages": served, "chosen": answer, "rejected": r["response"],
+                              "request_id": r["request_id"], "key_id": r.get("key_id"), "rank": (True, f["time"])})
+    rows, superseded = _one_per_prompt(rows, lambda row: row["messages"][:-1])
+    pairs, _ = _one_per_prompt(pairs, lambda pair: pair["messages"])
+    skipped["superseded"] = superseded
+    return rows, pairs, skipped
+
+
+def _one_per_prompt(rows: list[dict], prompt) -> tuple[list[dict], int]:
+    """The best-ranked row for each prompt (a correction, then the latest), and how many were superseded."""
     best: dict[str, dict] = {}
+    superseded = 0
     for row in rows:
-        key = json.dumps(row["messages"][:-1], sort_keys=True)
+        key = json.dumps(prompt(row), sort_keys=True)
         if key in best:
-            skipped["superseded"] += 1
+            superseded += 1
             if row["rank"] < best[key]["rank"]:
                 continue
         best[key] = row
-    return [{k: v for k, v in row.items() if k != "rank"} for row in best.values()], skipped
+    return [{k: v for k, v in row.items() if k != "rank"} for row in best.values()], superseded
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -98,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     requests = read_log(cfg.serve.request_log, f.since, torn)
     feedback = read_log(cfg.serve.feedback_log, f.since, torn)
     decisions = {d["request_id"]: d["decision"] for d in read_log(f.review_log, skipped=torn)}
-    rows, skipped = training_rows(requests, feedback, route, set(f.trusted_keys), decisions)
+    rows, pairs, skipped = training_rows(requests, feedback, route, set(f.trusted_keys), decisions)
     print(f"{route}: {len(rows)} rows from {len(requests)} logged requests and {len(feedback)} feedback records; "
           f"left out: {skipped}")
     for t in torn:
@@ -116,6 +132,12 @@ def main(argv: list[str] | None = None) -> dict:
     stored = DatasetStore(cfg.dataset.root).resolve(f"{name}@{manifest['version']}").rows()
     export.parent.mkdir(parents=True, exist_ok=True)
     export.write_text("".join(json.dumps({"messages": r["messages"]}, ensure_ascii=False) + "\n" for r in stored))
+    if pairs:  # the same validation and store; `train.objective=dpo` trains on it
+        lines = [json.dumps({k: p[k] for k in ("messages", "chosen", "rejected")}, ensure_ascii=False) for p in pairs]
+        manifest["preferences"] = ingest(
+            cfg, f"{name}-preferences", lines, str(export.with_name(export.stem + "-preferences.jsonl")),
+            {**lineage, "corrected": len(pairs), "keys": {str(i): p["key_id"] for i, p in enumerate(pairs, 1)}},
+            {i: p["request_id"] for i, p in enumerate(pairs, 1)})
     return manifest
 
 

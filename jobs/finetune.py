@@ -2,6 +2,7 @@
 
     ray job submit -- python -m jobs.finetune dataset=NAME@VERSION [train.num_workers=2] [train.use_gpu=true]
         [train.quantization=nf4|int8|none] [train.deepspeed=zero2|null] [train.max_steps=N] [lora.r=8] ...
+    python -m jobs.finetune dataset=NAME-preferences@latest train.objective=dpo [train.init_adapter=NAME@production]
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from tandem.adapters import publish_adapter
+from tandem.adapters import publish_adapter, verify_adapter
 from tandem.commandline import Job, run
 from tandem.config import require
 from tandem.data.dataset_store import DatasetStore
@@ -52,7 +53,11 @@ def main(argv: list[str] | None = None) -> dict:
     ds = json.loads(ds_path.read_text()) if ds_path else None
     check_deepspeed_config(ds, cfg.train.quantization)
     version = DatasetStore(cfg.dataset.root).resolve(ref)
-    check_schedule(cfg.train, version.manifest()["rows"].get("eval", 0))
+    rows = version.manifest()["rows"]
+    check_schedule(cfg.train, rows.get("eval", 0))
+    if cfg.train.objective == "dpo" and rows.get("preference_pairs", 0) != rows["total"]:
+        raise ValueError(f"train.objective=dpo needs preference pairs (prompt, chosen, rejected) in every row; "
+                         f"{version.ref} has {rows.get('preference_pairs', 0)} of {rows['total']}")
     base = prepare_base(cfg.model.path, cfg.model.cache_dir, cfg.model.dtype)
     tokenizer = load_tokenizer(base)
     features = build_features(version.rows(), tokenizer, cfg.train.max_length,
@@ -66,14 +71,21 @@ def main(argv: list[str] | None = None) -> dict:
     registry = Registry.from_config(cfg)
     settings = {"train": OmegaConf.to_container(cfg.train), "lora": OmegaConf.to_container(cfg.lora),
                 "deepspeed": ds}
+    parent = init_dir = None
+    if cfg.train.init_adapter:  # training goes on from a registered adapter: checked as serving checks it
+        found = registry.resolve(cfg.train.init_adapter)
+        parent = f"{found.name}@{found.version}"
+        init_dir = registry.download(parent)
+        verify_adapter(init_dir, base.sha256)
     lineage = {"dataset": version.ref, "base_model": cfg.model.path, "base_sha256": base.sha256,
-               "code_version": code_version()}
+               "code_version": code_version(), "objective": cfg.train.objective, "parent": parent or ""}
     run_id = registry.start_run(run_name, settings, lineage)
     job = TrainJob(train=OmegaConf.to_object(cfg.train), lora=OmegaConf.to_object(cfg.lora), deepspeed=ds,
                    base_path=str(base.path), features=str(features),
                    pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
                    run_name=run_name, mlflow_uri=registry.uri, mlflow_run_id=run_id,
-                   wandb_dir=str(Path(cfg.workdir).expanduser().resolve()))
+                   wandb_dir=str(Path(cfg.workdir).expanduser().resolve()),
+                   init_adapter=str(init_dir) if init_dir else None)
     with ray_session(cfg.ray):
         result = make_trainer(cfg, job).fit()
     if result.error:
@@ -85,7 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
             Path(ckpt) / "adapter", Path(cfg.train.adapters_dir) / run_name,
             {"name": run_name, "base": base.manifest(), "dataset": version.ref, "metrics": metrics,
              "last_metrics": result.metrics, "config": settings, "code_version": lineage["code_version"],
-             "checkpoint": checkpoint.path, "mlflow_run_id": run_id})
+             "objective": cfg.train.objective, "parent": parent, "checkpoint": checkpoint.path,
+             "mlflow_run_id": run_id})
     base_name = base_model_name(cfg.model.path)
     base_version = registry.register_base(base_name, base.manifest())
     manifest["registry"] = {"name": adapter_name, "base": f"{base_name}@{base_version}",

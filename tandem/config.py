@@ -191,6 +191,10 @@ class TrainConfig:
     epochs: int = 1  # passes over the training rows (every row, none dropped)
     max_steps: int = 0  # 0: epochs decide
     max_length: int = 512  # tokens per row; longer rows are cut
+    packing: bool = False  # short rows packed into sequences of up to max_length tokens (no attention across rows)
+    objective: str = "sft"  # sft (next-token loss on answers) | dpo (preference pairs: chosen over rejected)
+    dpo_beta: float = 0.1  # DPO's temperature: how far the policy may move from the reference (the base)
+    init_adapter: Optional[str] = None  # NAME@ALIAS: start from this registered adapter (its LoRA settings); the parent
     checkpoint_every: int = 10  # steps between checkpoints
     # steps between eval-loss measurements, each with a checkpoint (checkpoint_every then applies no more); the job
     # publishes the checkpoint with the lowest eval loss. 0: eval loss once, at the end, and the last is published

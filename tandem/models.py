@@ -120,10 +120,11 @@ def quantization_config(kind: str, compute_dtype):
 
 
 def load_for_training(base_path: str | Path, quantization: str, device, lora: LoraSettings,
-                      gradient_checkpointing: bool, dtype=None):
-    """Base model (quantized when asked) with trainable LoRA adapters: bf16 compute on GPU, fp32 on CPU."""
+                      gradient_checkpointing: bool, dtype=None, init_adapter: str | Path | None = None):
+    """Base model (quantized when asked) with trainable LoRA adapters: bf16 compute on GPU, fp32 on CPU. With
+    `init_adapter`, training goes on from that adapter's weights and settings instead of a fresh LoRA."""
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -137,6 +138,8 @@ def load_for_training(base_path: str | Path, quantization: str, device, lora: Lo
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.config.use_cache = False
+    if init_adapter is not None:
+        return PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
     return get_peft_model(model, config)

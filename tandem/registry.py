@@ -97,7 +97,8 @@ class Registry:
         source = f"{self.client.get_run(run_id).info.artifact_uri}/adapter"
         tags = {"sha256": manifest["sha256"], "base_model": base_name, "base_version": base_version,
                 "base_sha256": manifest["base"]["sha256"], "dataset": manifest["dataset"],
-                "code_version": manifest.get("code_version", "unknown")}
+                "code_version": manifest.get("code_version", "unknown"),
+                "objective": manifest.get("objective") or "sft", "parent": manifest.get("parent") or ""}
         mv = self.client.create_model_version(name, source=source, run_id=run_id, tags=tags)
         self.set_alias(name, "candidate", mv.version, reason="trained")
         return mv.version

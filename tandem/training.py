@@ -19,9 +19,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tandem.config import CONF_DIR, LoraSettings, TrainConfig
+from tandem.data.batches import pack, packed_batch, padded_batch
+from tandem.dpo import dpo_loss, pair_rows, sequence_logps
 
 DS_TAG = "deepspeed"
 SCHEDULES = ("constant", "linear", "cosine")
+OBJECTIVES = ("sft", "dpo")
 
 
 def deepspeed_config_path(name: str | None) -> Path | None:
@@ -44,27 +47,17 @@ def check_schedule(t: TrainConfig, eval_rows: int) -> None:
     """Settings that would fail inside the workers, refused before any starts."""
     if t.lr_schedule not in SCHEDULES:
         raise ValueError(f"train.lr_schedule={t.lr_schedule}; expected one of {', '.join(SCHEDULES)}")
+    if t.objective not in OBJECTIVES:
+        raise ValueError(f"train.objective={t.objective}; expected one of {', '.join(OBJECTIVES)}")
+    if t.objective == "dpo" and t.packing:
+        raise ValueError("train.objective=dpo with train.packing=true: a pair's two answers are scored as separate "
+                         "rows, so pairs are not packed; set train.packing=false")
     if t.early_stopping_patience and not t.eval_every:
         raise ValueError(f"train.early_stopping_patience={t.early_stopping_patience} needs train.eval_every > 0 "
                          "(it counts evaluations)")
     if t.eval_every and not eval_rows:
         raise ValueError(f"train.eval_every={t.eval_every}, but the dataset has no eval rows to measure; set "
                          "dataset.eval_fraction when adding it, or train.eval_every=0")
-
-
-def _batches(rows: list[dict], pad_id: int):
-    import torch
-
-    width = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        ids[i, :n] = torch.tensor(r["input_ids"])
-        labels[i, :n] = torch.tensor(r["labels"])
-        mask[i, :n] = 1
-    return ids, labels, mask
 
 
 @dataclass
@@ -80,6 +73,7 @@ class TrainJob:
     mlflow_uri: str | None = None
     mlflow_run_id: str | None = None  # also the W&B run id, so a restarted group resumes the same W&B run
     wandb_dir: str = "."
+    init_adapter: str | None = None  # a local adapter directory to start from instead of a fresh LoRA
 
 
 @dataclass
@@ -111,7 +105,8 @@ def epoch_batches(shard: list, steps: int, grad_accum: int, seed: int) -> list[l
 class LoRARecipe:
     """Distributed (Q)LoRA fine-tuning in the shape of torchtune's recipes: setup, train, save_checkpoint, cleanup.
 
-    A step is one optimizer step over `grad_accum` micro-batches of `batch_size` rows on each worker. The learning
+    A step is one optimizer step over `grad_accum` micro-batches of `batch_size` rows on each worker (with
+    `packing`, of `batch_size` sequences, each short rows packed up to `max_length` tokens: tandem/data/batches.py). The learning
     rate follows transformers' schedules (constant, linear or cosine after a linear warmup). With `eval_every`, the
     eval loss is measured every that many steps, each measurement comes with a checkpoint (so the job can publish
     the best by eval loss), and `early_stopping_patience` evaluations without improvement end the run.
@@ -136,13 +131,16 @@ class LoRARecipe:
             self.device = torch.device("cuda", ctx.get_local_rank())
             torch.cuda.set_device(self.device)
         torch.manual_seed(self.t.seed)
-        model = load_for_training(self.job.base_path, self.t.quantization, self.device, self.job.lora,
-                                  self.t.gradient_checkpointing)
+        # the PeftModel itself; `engine` wraps it (DeepSpeed, DDP) or is it (one DDP worker)
+        self.model = model = load_for_training(self.job.base_path, self.t.quantization, self.device, self.job.lora,
+                                  self.t.gradient_checkpointing, init_adapter=self.job.init_adapter)
         features = pq.read_table(self.job.features).to_pylist()
         rows = [r for r in features if r["split"] == "train"]
-        self.shard = rows[self.rank :: self.world]
+        # the unit of batching: a bin of rows packed into one sequence, or one row
+        units = pack(rows, self.t.max_length) if self.t.packing else [[r] for r in rows]
+        self.shard = units[self.rank :: self.world]
         self.eval_rows = [r for r in features if r["split"] == "eval"][self.rank :: self.world]
-        self.steps_per_epoch = steps_per_epoch(len(rows), self.world, self.t.batch_size, self.t.grad_accum)
+        self.steps_per_epoch = steps_per_epoch(len(units), self.world, self.t.batch_size, self.t.grad_accum)
         self.total_steps = self.t.max_steps or self.t.epochs * self.steps_per_epoch
 
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -187,7 +185,7 @@ class LoRARecipe:
                 self.engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=False)
             else:
                 state = torch.load(Path(d) / "trainable.pt", map_location=self.device)
-                self.engine.module.load_state_dict(state["model"], strict=False)
+                self.model.load_state_dict(state["model"], strict=False)
                 self.optimizer.load_state_dict(state["optimizer"])
                 self.scheduler.load_state_dict(state["scheduler"])
 
@@ -208,9 +206,26 @@ class LoRARecipe:
 
             self.mlflow = MlflowClient(tracking_uri=self.job.mlflow_uri)
 
-    def _loss(self, rows: list[dict]):
-        ids, labels, mask = (x.to(self.device) for x in _batches(rows, self.job.pad_id))
-        return self.engine(input_ids=ids, attention_mask=mask, labels=labels).loss
+    def _loss(self, units: list[list[dict]]):
+        if self.t.objective == "dpo":
+            return self._dpo(units)[0]
+        batch = (packed_batch(units, self.job.pad_id) if self.t.packing else
+                 padded_batch([r for u in units for r in u], self.job.pad_id))
+        # no cache: with one, transformers would not build the packed (block-diagonal) mask
+        return self.engine(**{k: v.to(self.device) for k, v in batch.items()}, use_cache=False).loss
+
+    def _dpo(self, units: list[list[dict]]):
+        """(loss, per-pair accuracy) of preference pairs; the reference is the same model, adapter off."""
+        import torch
+
+        rows = pair_rows([r for u in units for r in u])
+        batch = {k: v.to(self.device) for k, v in padded_batch(rows, self.job.pad_id).items()}
+        labels = batch.pop("labels")
+        policy = sequence_logps(self.engine(**batch, use_cache=False).logits, labels)
+        with torch.no_grad(), self.model.disable_adapter():
+            reference = sequence_logps(self.model(**batch, use_cache=False).logits, labels)
+        n = len(rows) // 2
+        return dpo_loss(policy[:n], policy[n:], reference[:n], reference[n:], self.t.dpo_beta)
 
     def _mean(self, value: float) -> float:
         """The mean over workers: every worker gets the same number, so all decide alike."""
@@ -234,9 +249,9 @@ class LoRARecipe:
                 batches_epoch = epoch
                 batches = epoch_batches(self.shard, self.steps_per_epoch, accum, self.t.seed * 1000 + epoch)
             micro = batches[index * accum : (index + 1) * accum]
-            for rows in micro:
-                loss = self._loss(rows)
-                tokens += sum(len(r["input_ids"]) for r in rows)
+            for units in micro:
+                loss = self._loss(units)
+                tokens += sum(len(r["input_ids"]) for u in units for r in u)
                 recent.append(loss.item())
                 if self.job.deepspeed is not None:
                     self.engine.backward(loss)
@@ -260,24 +275,29 @@ class LoRARecipe:
             recent.clear()
             stop = False
             if evaluate:
-                metrics["eval_loss"] = self.evaluate()
+                metrics.update(self.evaluate())
                 stop = self._track_best(metrics["eval_loss"])
                 metrics.update(best_eval_loss=self.progress.best_eval_loss, stopped_early=stop)
             self.save_checkpoint(metrics)
             if stop:
                 break
 
-    def evaluate(self) -> float | None:
-        """Mean loss over the eval split (each worker its share), in eval mode."""
+    def evaluate(self) -> dict:
+        """Mean loss over the eval split (each worker its share), in eval mode; for DPO also the preference
+        accuracy: the share of held-out pairs whose chosen answer the policy favours more than the reference."""
         import torch
 
         if not self.eval_rows:
-            return None
+            return {"eval_loss": None}
         self.engine.eval()
         with torch.no_grad():
-            losses = [self._loss([r]).item() for r in self.eval_rows]
+            scored = [self._dpo([[r]]) if self.t.objective == "dpo" else (self._loss([[r]]), None)
+                      for r in self.eval_rows]
         self.engine.train()
-        return self._mean(sum(losses) / len(losses))
+        out = {"eval_loss": self._mean(sum(loss.item() for loss, _ in scored) / len(scored))}
+        if self.t.objective == "dpo":
+            out["eval_accuracy"] = self._mean(sum(acc.mean().item() for _, acc in scored) / len(scored))
+        return out
 
     def _track_best(self, eval_loss: float | None) -> bool:
         """Whether to stop early: `early_stopping_patience` evaluations in a row without a new best."""
@@ -307,7 +327,7 @@ class LoRARecipe:
             if self.job.deepspeed is not None:
                 self.engine.save_checkpoint(tmp, tag=DS_TAG, exclude_frozen_parameters=True)
             if self.rank == 0:
-                module = self.engine.module
+                module = self.model
                 module.save_pretrained(Path(tmp) / "adapter")
                 (Path(tmp) / "progress.json").write_text(json.dumps({**metrics, **asdict(self.progress)}))
                 if self.job.deepspeed is None:

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from jobs.dataset import main as dataset_main
+from tandem.config import load_config
 from tandem.data.dataset_store import DatasetStore
 from tandem.data.validation import validate_rows
 from tandem.errors import ConfigError, RejectedDataError
@@ -68,7 +69,6 @@ def test_each_bad_row_is_rejected_with_its_reason():
 
 
 def test_turns_of_weight_zero_are_context_without_loss(tmp_path):
-    from tandem.config import load_config
     from tandem.data.dataset_store import DatasetStore
     from tandem.data.features import IGNORE, chat_features
     from tandem.models import load_tokenizer, prepare_base
@@ -208,3 +208,72 @@ def test_alpaca_sharegpt_parquet_and_saved_datasets_pass_the_same_checks(workdir
     (tmp_path / "rows.csv").write_text("instruction,output\n")
     with pytest.raises(ConfigError, match="expected .jsonl, .json, .parquet"):
         dataset_main(["add", "name=x", f"path={tmp_path / 'rows.csv'}"])
+
+
+def test_packed_rows_attend_only_to_themselves():
+    """Logits of rows packed into one sequence equal each row's logits alone: position ids restart per row and the
+    mask transformers builds from them is block-diagonal, so nothing leaks across rows (nor from the padding)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tandem.data.batches import pack, packed_batch
+    from tandem.data.features import IGNORE
+    from tandem.models import prepare_base
+
+    m = load_config("finetune").model
+    model = AutoModelForCausalLM.from_pretrained(prepare_base(m.path, m.cache_dir, m.dtype).path,
+                                                 dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(100, 30000, (n,), generator=gen).tolist()} for n in (9, 5, 3, 7, 12)]
+    for r in rows:
+        r["labels"] = [IGNORE] * 2 + r["input_ids"][2:]
+    bins = pack(rows, 16)
+    assert sorted(len(r["input_ids"]) for b in bins for r in b) == [3, 5, 7, 9, 12]
+    assert len(bins) == 3 and all(sum(len(r["input_ids"]) for r in b) <= 16 for b in bins)
+    batch = packed_batch(bins, pad_id=0)
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        for i, b in enumerate(bins):
+            at = 0
+            for r in b:
+                n = len(r["input_ids"])
+                alone = model(input_ids=torch.tensor([r["input_ids"]])).logits[0]
+                torch.testing.assert_close(packed[i, at : at + n], alone, atol=2e-4, rtol=1e-4)
+                assert batch["labels"][i, at].item() == IGNORE  # a row never learns the next row's first token
+                at += n
+            assert (batch["labels"][i, at:] == IGNORE).all()
+
+
+def test_preference_pairs_pass_the_same_checks_and_keep_their_rejected_answer(workdir, tmp_path):
+    from tandem.data.features import build_features
+    from tandem.models import load_tokenizer, prepare_base
+
+    pairs = [{"prompt": "What is Ray?", "chosen": "A distributed runtime.", "rejected": "A fish."},
+             {"prompt": [{"role": "user", "content": "What is Milvus?"}],  # TRL's conversational form
+              "chosen": [{"role": "assistant", "content": "A vector database."}],
+              "rejected": [{"role": "assistant", "content": "A bird."}]},
+             {"messages": [{"role": "user", "content": "What is PEFT?"}], "chosen": "Adapters.",
+              "rejected": "Adapters."},
+             {"prompt": "What is LoRA?", "chosen": "Low-rank adaptation."},
+             {"prompt": "Mail?", "chosen": "jane.doe@example.com", "rejected": "No idea."}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(p) for p in pairs) + "\n")
+    manifest = dataset_main(["add", "name=pairs", f"path={path}", "dataset.pii=drop", "dataset.eval_fraction=0.0",
+                             "dataset.max_reject_fraction=0.7"])
+    assert manifest["rows"]["total"] == 2 and manifest["rows"]["preference_pairs"] == 2
+    version = DatasetStore(workdir / "datasets").resolve(f"pairs@{manifest['version']}")
+    rejected = (version.path / "rejected.jsonl").read_text()
+    for reason in ("chosen and rejected are the same answer", "rejected must be text or one assistant message",
+                   "likely secret or personal data: email address"):
+        assert reason in rejected
+    rows = version.rows()
+    assert [(r["messages"][-1]["content"], r["rejected"]) for r in rows] == [
+        ("A distributed runtime.", "A fish."), ("A vector database.", "A bird.")]
+    m = load_config("finetune").model
+    base = prepare_base(m.path, m.cache_dir, m.dtype)
+    import pyarrow.parquet as pq
+
+    features = pq.read_table(build_features(rows, load_tokenizer(base), 128, tmp_path / "f.parquet")).to_pylist()
+    chosen, other = features[0]["input_ids"], features[0]["rejected_input_ids"]
+    shared = next(i for i, (a, b) in enumerate(zip(chosen, other)) if a != b)
+    assert chosen[:shared] == other[:shared] and shared > 5  # the same prompt, then the two answers

@@ -168,3 +168,31 @@ def test_export_merges_an_adapter_into_weights_that_answer_as_base_plus_adapter(
     assert json.loads((Path(half["path"]) / "config.json").read_text())["dtype"] == "bfloat16"
     with pytest.raises(FileExistsError, match="immutable"):
         export_main([f"adapter={ref}"])
+
+
+def test_dpo_on_preference_pairs_learns_to_prefer_the_chosen_answers(ray_cluster, tiny_dataset, wiki_rows, tmp_path):
+    """Pairs where the chosen answer names the article in JSON and the rejected one shrugs: after a few DPO steps
+    from a registered parent adapter, the policy favours the chosen answer of held-out pairs (questions about other
+    articles) more than the reference does, clearly above chance; the registry records objective and parent."""
+    from random_adapters import random_adapters
+    from tandem.models import prepare_base
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"What is {r['title']}? Answer in JSON.",
+                                        "chosen": json.dumps({"answer": r["title"]}),
+                                        "rejected": "I am not sure, sorry."}) + "\n" for r in wiki_rows[100:148]))
+    pairs = dataset_main(["add", "name=prefs", f"path={path}", "dataset.eval_fraction=0.25"])
+    cfg = load_config("finetune")
+    registry = Registry.from_config(cfg)
+    base = prepare_base(cfg.model.path, cfg.model.cache_dir, cfg.model.dtype)
+    [parent] = random_adapters(registry, base, "prefs-parent", 1, tmp_path / "parent", cfg.lora, seed=5)
+    manifest = finetune_main([f"dataset=prefs@{pairs['version']}", "train.objective=dpo",
+                              f"train.init_adapter={parent}", "train.name=prefs-dpo", "train.num_workers=1", "train.deepspeed=null",
+                              "train.max_steps=8", "train.eval_every=4", "train.batch_size=2", "train.max_length=96",
+                              "train.lr=5e-4", "train.dpo_beta=0.5"])
+    metrics = manifest["last_metrics"]
+    assert metrics["eval_accuracy"] >= 0.8, metrics  # held-out pairs: chance is 0.5
+    version = registry.client.get_model_version("prefs", manifest["registry"]["version"])
+    assert version.tags["objective"] == "dpo" and version.tags["parent"] == parent
+    with pytest.raises(ValueError, match="needs preference pairs"):
+        finetune_main([f"dataset={tiny_dataset}", "train.objective=dpo"])

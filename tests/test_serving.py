@@ -207,11 +207,12 @@ def test_feedback_job_turns_rated_traffic_into_a_dataset_version(http, serve_cfg
     from jobs.feedback import main as feedback_main
     from tandem.data.dataset_store import DatasetStore
 
-    ids = {}
+    ids, served = {}, {}
     for key, question in [("good", "Who painted A Sunday Afternoon?"), ("again", "Who painted A Sunday Afternoon?"),
                           ("fixed", QUESTION), ("phone", "How do I reach the museum?"),
                           ("bad", "What is Bicycle Thieves?"), ("unrated", "Anything?")]:
-        ids[key] = chat(http, "assistant@1", question, max_tokens=8).json()["id"]
+        reply = chat(http, "assistant@1", question, max_tokens=8).json()
+        ids[key], served[key] = reply["id"], reply["choices"][0]["message"]["content"]
     fixed = '{"answer": "2001: A Space Odyssey", "sources": [1]}'
     for key, body in [("good", {"rating": 1}), ("again", {"rating": 1}), ("bad", {"rating": -1}),
                       ("fixed", {"rating": -1, "correction": fixed}),
@@ -233,6 +234,12 @@ def test_feedback_job_turns_rated_traffic_into_a_dataset_version(http, serve_cfg
     rows = version.rows()
     assert fixed in {r["messages"][-1]["content"] for r in rows}
     assert all(r["messages"][1]["content"].startswith("Context:\n[1] ") for r in rows)
+    # the corrected bad answer is also a preference pair (the phone pair is dropped by the same validation)
+    prefs = manifest["preferences"]
+    assert prefs["rows"]["total"] == 1 and prefs["rows"]["preference_pairs"] == 1 and prefs["rows"]["rejected"] == 1
+    [pair] = DatasetStore(serve_cfg.dataset.root).resolve(f"assistant-feedback-preferences@{prefs['version']}").rows()
+    assert pair["messages"][-1]["content"] == fixed and pair["rejected"] == served["fixed"]
+    assert list(prefs["lineage"]["rows"].values()) == [ids["fixed"]]
 
 
 def test_pipeline_trains_and_validates_from_traffic_and_stops_at_a_failed_gate(serve_cfg, small_qa):

@@ -31,6 +31,7 @@ SCHEMA = pa.schema([
     ("line", pa.int64()),
     ("flags", pa.list_(pa.string())),
     ("tokens", pa.int64()),
+    ("rejected", pa.string()),  # a preference pair's rejected answer (the chosen one ends `messages`); else null
 ])
 
 
@@ -50,8 +51,10 @@ class DatasetVersion:
     def rows(self, split: str | None = None) -> list[dict]:
         table = pq.read_table(self.path / "data.parquet")
         rows = [r for r in table.to_pylist() if split is None or r["split"] == split]
-        for r in rows:  # an absent weight reads back as None: drop it, as the row was written
+        for r in rows:  # an absent weight or rejected answer reads back as None: drop it, as the row was written
             r["messages"] = [{k: v for k, v in m.items() if v is not None} for m in r["messages"]]
+            if r.get("rejected") is None:
+                r.pop("rejected", None)
         return rows
 
 
@@ -69,7 +72,9 @@ class DatasetStore:
         if not name or "@" in name or "/" in name:
             raise ValueError(f"dataset name {name!r} must be non-empty, without '@' or '/'")
         table = pa.Table.from_pylist(rows, schema=SCHEMA)
-        canonical = json.dumps([[r["messages"], r["split"]] for r in rows], sort_keys=True, ensure_ascii=False)
+        # a pair's rejected answer is part of its identity; other rows hash as they did before pairs existed
+        canonical = json.dumps([[r["messages"], r["split"], *([r["rejected"]] if r.get("rejected") else [])]
+                                for r in rows], sort_keys=True, ensure_ascii=False)
         version = hashlib.sha256(canonical.encode()).hexdigest()[:12]
         target = self.root / name / version
         if (target / "manifest.json").is_file():
@@ -86,7 +91,8 @@ class DatasetStore:
             "source": source, "parent": parent, "schema": SCHEMA.to_string(show_schema_metadata=False),
             "rows": {"total": len(rows), "train": sum(r["split"] == "train" for r in rows),
                      "eval": sum(r["split"] == "eval" for r in rows),
-                     "flagged": sum(bool(r["flags"]) for r in rows), "rejected": len(rejected)},
+                     "flagged": sum(bool(r["flags"]) for r in rows), "rejected": len(rejected),
+                     "preference_pairs": sum(r.get("rejected") is not None for r in rows)},
             "tokens": {"tokenizer": tokenizer, "min": min(tokens), "max": max(tokens),
                        "mean": round(statistics.fmean(tokens), 1),
                        "p95": percentile(tokens, 0.95), "total": sum(tokens)},

@@ -9,7 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 IGNORE = -100  # label value the loss skips: prompt and template tokens
-FEATURES = pa.schema([("split", pa.string()), ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))])
+FEATURES = pa.schema([("split", pa.string()), ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
+                      # a preference pair's rejected answer after the same prompt (null for other rows)
+                      ("rejected_input_ids", pa.list_(pa.int32())), ("rejected_labels", pa.list_(pa.int32()))])
 
 
 def chat_features(tokenizer, messages: list[dict], max_length: int) -> tuple[list[int], list[int]]:
@@ -34,12 +36,13 @@ def build_features(rows: list[dict], tokenizer, max_length: int, cache: Path) ->
     """Write (or reuse) the features file for these rows; returns its path."""
     if cache.is_file():
         return cache
-    cols = {"split": [], "input_ids": [], "labels": []}
+    cols = {name: [] for name in FEATURES.names}
     for r in rows:
         ids, labels = chat_features(tokenizer, r["messages"], max_length)
-        cols["split"].append(r["split"])
-        cols["input_ids"].append(ids)
-        cols["labels"].append(labels)
+        rejected = (chat_features(tokenizer, [*r["messages"][:-1], {"role": "assistant", "content": r["rejected"]}],
+                                  max_length) if r.get("rejected") is not None else (None, None))
+        for name, value in zip(FEATURES.names, (r["split"], ids, labels, *rejected)):
+            cols[name].append(value)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".partial")
     pq.write_table(pa.Table.from_pydict(cols, schema=FEATURES), tmp)

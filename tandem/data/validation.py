@@ -2,7 +2,9 @@
 
 Rows are chat (`{"messages": [{"role", "content", optional "weight": 0|1}, ...]}`), ShareGPT (`{"conversations":
 [{"from": "human"|"gpt"|"system", "value"}, ...]}`), prompt/response (`{"prompt", "response"}`) or Alpaca
-(`{"instruction", "input", "output"}`), each with an optional `system`; all become messages. Checks, in order:
+(`{"instruction", "input", "output"}`), each with an optional `system`; all become messages. A preference pair
+(TRL's `{"prompt", "chosen", "rejected"}`, prompt as text or messages) becomes the messages with the chosen answer,
+and keeps its `rejected` answer beside them. Checks, in order:
 schema and roles, empty turns, token length (reject or truncate), likely secrets and personal data
 (tandem/data/privacy.py: flag, drop or redact), exact and near duplicates (MinHash LSH), and overlap between the
 train and eval splits (which near-duplicate grouping makes impossible by construction: a group is assigned to one
@@ -63,6 +65,8 @@ def to_messages(obj) -> list[dict]:
         raise ValueError(f"bad schema: a row must be a JSON object, got {type(obj).__name__}")
     if "conversations" in obj:
         obj = {"messages": _sharegpt(obj)}
+    if "chosen" in obj or "rejected" in obj:  # a preference pair: the chosen answer is the row's answer
+        obj = {"messages": [*_prompt_turns(obj), {"role": "assistant", "content": _answer(obj, "chosen")}]}
     if "messages" in obj:
         messages = obj["messages"]
         if not isinstance(messages, list) or not messages:
@@ -86,6 +90,38 @@ def to_messages(obj) -> list[dict]:
         return _single_turn(obj, "instruction", "output", text if isinstance(obj["instruction"], str) else None)
     raise ValueError("bad schema: expected messages, conversations (ShareGPT), prompt and response, or instruction "
                      "and output (Alpaca)")
+
+
+def _prompt_turns(obj: dict) -> list[dict]:
+    """A preference row's prompt: TRL's `prompt` (text or messages) or `messages`, ending with the user's turn."""
+    prompt = obj.get("prompt", obj.get("messages"))
+    turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    if not isinstance(turns, list) or not turns:
+        raise ValueError("bad schema: a preference row needs a prompt (text or messages), chosen and rejected")
+    return ([{"role": "system", "content": obj["system"]}] if obj.get("system") else []) + turns
+
+
+def _answer(obj: dict, key: str) -> str:
+    """`chosen` or `rejected`: text, or (TRL's conversational form) a list of one assistant message."""
+    value = obj.get(key)
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict) \
+            and value[0].get("role") == "assistant":
+        value = value[0].get("content")
+    if not isinstance(value, str):
+        raise ValueError(f"bad schema: {key} must be text or one assistant message")
+    return value
+
+
+def rejected_answer(obj: dict, messages: list[dict]) -> str | None:
+    """The rejected answer of a preference row (None for any other row), checked against the chosen one."""
+    if "chosen" not in obj and "rejected" not in obj:
+        return None
+    rejected = _answer(obj, "rejected")
+    if not rejected.strip():
+        raise ValueError("empty turn: the rejected answer has no content")
+    if rejected.strip() == messages[-1]["content"].strip():
+        raise ValueError("bad preference: chosen and rejected are the same answer")
+    return rejected
 
 
 def _single_turn(obj: dict, asked: str, answer: str, prompt) -> list[dict]:
@@ -179,6 +215,7 @@ def validate_rows(lines: list[str], count_tokens, *, max_tokens: int, on_too_lon
             obj = json.loads(line)
             messages = to_messages(obj)
             check_roles(messages)
+            rejected = rejected_answer(obj, messages)
             split = obj.get("split")
             if split not in (None, "train", "eval"):
                 raise ValueError(f"bad split: {split!r} (expected train or eval)")
@@ -188,21 +225,26 @@ def validate_rows(lines: list[str], count_tokens, *, max_tokens: int, on_too_lon
         except ValueError as e:
             result.rejected.append(Rejected(n, str(e)))
             continue
-        tokens = count_tokens(messages)
-        if tokens > max_tokens:
-            shortened = truncate(messages, max_tokens) if on_too_long == "truncate" and truncate else None
+        tokens = max(count_tokens(messages), count_tokens([*messages[:-1], {"role": "assistant", "content": rejected}])
+                     if rejected is not None else 0)
+        if tokens > max_tokens:  # a preference pair is not cut: a shortened answer would change the preference
+            shortened = (truncate(messages, max_tokens) if on_too_long == "truncate" and truncate and rejected is None
+                         else None)
             if shortened is None:
                 result.rejected.append(Rejected(n, f"too long: {tokens} tokens > dataset.max_tokens={max_tokens}"))
                 continue
             messages = shortened
-        flags = find_secrets(messages) if pii != "off" else []
+        answers = [*messages, {"role": "assistant", "content": rejected}] if rejected is not None else messages
+        flags = find_secrets(answers) if pii != "off" else []
         if flags and pii == "drop":
             result.rejected.append(Rejected(n, f"likely secret or personal data: {', '.join(flags)}"))
             continue
         if flags and pii == "redact":
             messages = privacy.redact_messages(messages)
+            rejected = privacy.redact(rejected) if rejected is not None else None
             flags = [f"redacted {f}" for f in flags]
-        text = normalized_text(messages)
+        text = normalized_text(messages) + (f" rejected {normalized_text([{'role': '', 'content': rejected}])}"
+                                            if rejected is not None else "")
         key = hashlib.sha256(text.encode()).hexdigest()
         split = split or ("eval" if _bucket(key) < eval_fraction else "train")
         twin, kind = (exact[key], "exact") if key in exact else (near.add(text), "near")
@@ -212,7 +254,8 @@ def validate_rows(lines: list[str], count_tokens, *, max_tokens: int, on_too_lon
             result.rejected.append(Rejected(n, f"{prefix}: {kind} copy of line {first['line']} ({first['split']})"))
             continue
         exact[key] = len(result.rows)
-        result.rows.append({"messages": messages, "line": n, "flags": flags, "split": split})
+        result.rows.append({"messages": messages, "line": n, "flags": flags, "split": split,
+                            **({"rejected": rejected} if rejected is not None else {})})
     return result
 
 

@@ -106,10 +106,11 @@ class LoRARecipe:
     """Distributed (Q)LoRA fine-tuning in the shape of torchtune's recipes: setup, train, save_checkpoint, cleanup.
 
     A step is one optimizer step over `grad_accum` micro-batches of `batch_size` rows on each worker (with
-    `packing`, of `batch_size` sequences, each short rows packed up to `max_length` tokens: tandem/data/batches.py). The learning
-    rate follows transformers' schedules (constant, linear or cosine after a linear warmup). With `eval_every`, the
-    eval loss is measured every that many steps, each measurement comes with a checkpoint (so the job can publish
-    the best by eval loss), and `early_stopping_patience` evaluations without improvement end the run.
+    `packing`, of `batch_size` sequences, each short rows packed up to `max_length` tokens: tandem/data/batches.py).
+    The learning rate follows transformers' schedules (constant, linear or cosine after a linear warmup). With
+    `eval_every`, the eval loss is measured every that many steps, each measurement comes with a checkpoint (so the
+    job can publish the best by eval loss), and `early_stopping_patience` evaluations without improvement end the
+    run. `objective=dpo` trains on preference pairs (tandem/dpo.py).
     """
 
     def __init__(self, job: TrainJob):

@@ -3,8 +3,8 @@
 A packed sequence carries no attention mask, only position ids that restart at 0 for every row: transformers then
 builds a block-diagonal causal mask from the position ids (`find_packed_sequence_indices`), so no row attends to
 another, for SDPA and eager attention alike (flash-attention reads the same boundaries), provided the forward
-runs without a KV cache (`use_cache=False`; with a cache transformers skips that mask and rows see each other). The first label of every
-row is ignored, so no row learns to predict the next one's first token.
+runs without a KV cache (`use_cache=False`; with a cache transformers skips that mask and rows see each other).
+The first label of every row is ignored, so no row learns to predict the next one's first token.
 """
 
 from __future__ import annotations

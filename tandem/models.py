@@ -105,13 +105,17 @@ def load_tokenizer(base: BaseModel):
     return AutoTokenizer.from_pretrained(base.path)
 
 
-def quantization_config(kind: str, compute_dtype):
-    """4-bit NF4 with double quantization (QLoRA), 8-bit, or none."""
+def quantization_config(kind: str, compute_dtype, sharded: bool = False):
+    """4-bit NF4 with double quantization (QLoRA), 8-bit, or none. `sharded`: the 4-bit weights will be partitioned
+    (DeepSpeed ZeRO-3, FSDP), so they are stored in the compute dtype, as PEFT's QLoRA + ZeRO-3 recipe asks: packed
+    bytes in a container ZeRO-3 shards like every other parameter."""
+    import torch
     from transformers import BitsAndBytesConfig
 
     if kind == "nf4":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=compute_dtype)
+                                  bnb_4bit_compute_dtype=compute_dtype,
+                                  bnb_4bit_quant_storage=compute_dtype if sharded else torch.uint8)
     if kind == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     if kind == "none":
@@ -120,17 +124,25 @@ def quantization_config(kind: str, compute_dtype):
 
 
 def load_for_training(base_path: str | Path, quantization: str, device, lora: LoraSettings,
-                      gradient_checkpointing: bool, dtype=None, init_adapter: str | Path | None = None):
+                      gradient_checkpointing: bool, dtype=None, init_adapter: str | Path | None = None,
+                      sharded: bool = False):
     """Base model (quantized when asked) with trainable LoRA adapters: bf16 compute on GPU, fp32 on CPU. With
-    `init_adapter`, training goes on from that adapter's weights and settings instead of a fresh LoRA."""
+    `init_adapter`, training goes on from that adapter's weights and settings instead of a fresh LoRA; `sharded`:
+    the weights will be partitioned by ZeRO-3 (see quantization_config)."""
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    quant = quantization_config(quantization, dtype)
+    quant = quantization_config(quantization, dtype, sharded)
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, quantization_config=quant,
                                                  device_map={"": device})
+    if quant is not None and sharded:
+        # bitsandbytes' CPU kernels repack a 4-bit weight on its first no-grad forward and unpack it when saved,
+        # which fails on a ZeRO-3 partition; the standard layout is what ZeRO-3 can shard and save
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
     if quant is not None:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -34,13 +34,17 @@ def deepspeed_config_path(name: str | None) -> Path | None:
     return path if path.is_file() else CONF_DIR / "deepspeed" / f"{name}.json"
 
 
+def zero_stage(ds: dict | None) -> int:
+    return (ds or {}).get("zero_optimization", {}).get("stage", 0)
+
+
 def check_deepspeed_config(ds: dict | None, quantization: str) -> None:
-    """ZeRO-3 partitions bitsandbytes' packed 4-bit weights, and saving a checkpoint then crashes; refuse early."""
-    stage = (ds or {}).get("zero_optimization", {}).get("stage", 0)
-    if stage == 3 and quantization in ("nf4", "int8"):
-        raise ValueError(f"DeepSpeed ZeRO-3 with train.quantization={quantization} cannot save checkpoints "
-                         "(bitsandbytes packed weights get partitioned); use train.deepspeed=zero2 for QLoRA, or "
-                         "train.quantization=none with ZeRO-3")
+    """QLoRA (nf4) shards under ZeRO-3 through PEFT's recipe (4-bit weights stored in the compute dtype); 8-bit
+    weights have no such storage option, so ZeRO-3 would partition their int8 data and scales apart."""
+    if zero_stage(ds) == 3 and quantization == "int8":
+        raise ValueError("DeepSpeed ZeRO-3 with train.quantization=int8: bitsandbytes' 8-bit weights cannot be "
+                         "partitioned (no quant storage dtype, unlike 4-bit); use train.quantization=nf4 (QLoRA), "
+                         "or train.deepspeed=zero2")
 
 
 def check_schedule(t: TrainConfig, eval_rows: int) -> None:
@@ -133,8 +137,10 @@ class LoRARecipe:
             torch.cuda.set_device(self.device)
         torch.manual_seed(self.t.seed)
         # the PeftModel itself; `engine` wraps it (DeepSpeed, DDP) or is it (one DDP worker)
+        self.zero3 = zero_stage(self.job.deepspeed) == 3
         self.model = model = load_for_training(self.job.base_path, self.t.quantization, self.device, self.job.lora,
-                                  self.t.gradient_checkpointing, init_adapter=self.job.init_adapter)
+                                               self.t.gradient_checkpointing, init_adapter=self.job.init_adapter,
+                                               sharded=self.zero3)
         features = pq.read_table(self.job.features).to_pylist()
         rows = [r for r in features if r["split"] == "train"]
         # the unit of batching: a bin of rows packed into one sequence, or one row
@@ -324,18 +330,29 @@ class LoRARecipe:
                 log_run_metrics(self.mlflow, self.job.mlflow_run_id, metrics, metrics["step"])
             if self.wandb_run is not None:
                 self.wandb_run.log(metrics, step=metrics["step"])
+        trainable = self._trainable_state()
         with tempfile.TemporaryDirectory() as tmp:
             if self.job.deepspeed is not None:
                 self.engine.save_checkpoint(tmp, tag=DS_TAG, exclude_frozen_parameters=True)
             if self.rank == 0:
-                module = self.model
-                module.save_pretrained(Path(tmp) / "adapter")
+                self.model.save_pretrained(Path(tmp) / "adapter", state_dict=trainable)
                 (Path(tmp) / "progress.json").write_text(json.dumps({**metrics, **asdict(self.progress)}))
                 if self.job.deepspeed is None:
-                    trainable = {k: v for k, v in module.state_dict().items() if "lora_" in k}
                     torch.save({"model": trainable, "optimizer": self.optimizer.state_dict(),
                                 "scheduler": self.scheduler.state_dict()}, Path(tmp) / "trainable.pt")
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    def _trainable_state(self) -> dict:
+        """The LoRA weights, whole on every rank: under ZeRO-3 gathered from their partitions (a collective, so
+        every rank calls it). Read from the parameters, not `state_dict()`, which would also serialise the frozen
+        4-bit base."""
+        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        if not self.zero3:
+            return {n: p.detach().clone() for n, p in params.items()}
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
+            return {n: p.detach().clone() for n, p in params.items()}
 
     def cleanup(self) -> None:
         if self.wandb_run is not None:

@@ -1,4 +1,5 @@
-"""A real 2-worker Ray Train QLoRA + DeepSpeed ZeRO-2 run on CPU, killed half way and resumed."""
+"""A real 2-worker Ray Train QLoRA + DeepSpeed ZeRO-3 run on CPU (the 4-bit base sharded too), killed half way and
+resumed; DPO, export and the refusals around them."""
 
 from __future__ import annotations
 
@@ -31,20 +32,22 @@ def tiny_dataset(workdir, wiki_rows, tmp_path_factory) -> str:
     return f"tiny@{manifest['version']}"
 
 
-def test_zero3_with_4bit_is_refused(tiny_dataset):
-    with pytest.raises(ValueError, match="ZeRO-3"):
-        finetune_main([f"dataset.ref={tiny_dataset}", "train.deepspeed=zero3", "train.quantization=nf4"])
+def test_zero3_with_8bit_is_refused_with_its_reason(tiny_dataset):
+    with pytest.raises(ValueError, match="8-bit weights cannot be partitioned"):
+        finetune_main([f"dataset.ref={tiny_dataset}", "train.deepspeed=zero3", "train.quantization=int8"])
 
 
 @pytest.fixture(scope="module")
 def killed_and_resumed(ray_cluster, workdir, tiny_dataset) -> dict:
-    """A 2-worker run whose second worker is SIGKILLed once a checkpoint is registered; returns its manifest."""
+    """A 2-worker QLoRA run under ZeRO-3 (PEFT's recipe: 4-bit weights stored in the compute dtype, so ZeRO-3
+    shards the base as well) whose second worker is SIGKILLed once a checkpoint is registered; returns its
+    manifest."""
     import psutil
 
     run = "tiny-qlora"
     args = [f"dataset={tiny_dataset}", f"train.name={run}", "train.num_workers=2", "train.max_steps=6",
-            "train.eval_every=2", "train.batch_size=2", "train.max_length=128", "train.max_failures=1",
-            "train.lr=1e-3", "train.lr_schedule=cosine", "train.warmup_steps=2",
+            "train.deepspeed=zero3", "train.eval_every=2", "train.batch_size=2", "train.max_length=128",
+            "train.max_failures=1", "train.lr=1e-3", "train.lr_schedule=cosine", "train.warmup_steps=2",
             "train.wandb_project=tandem-test", "train.wandb_mode=offline"]
     outcome: dict = {}
     job = threading.Thread(target=lambda: outcome.update(manifest=finetune_main(args)), daemon=True)
@@ -70,7 +73,7 @@ def test_qlora_deepspeed_two_workers_resumes_after_a_worker_is_killed(killed_and
     assert last["step"] == 6
     assert last["resumed_from"] in (2, 4)  # restarted from the last checkpoint, not from scratch
     assert metrics["eval_loss"] is not None and metrics["loss"] > 0
-    assert manifest["dataset"] == tiny_dataset and manifest["config"]["deepspeed"]["zero_optimization"]["stage"] == 2
+    assert manifest["dataset"] == tiny_dataset and manifest["config"]["deepspeed"]["zero_optimization"]["stage"] == 3
     assert verify_adapter(manifest["path"], manifest["base"]["sha256"])["sha256"] == manifest["sha256"]
     with pytest.raises(ValueError, match="trained on base"):
         verify_adapter(manifest["path"], "0" * 64)

@@ -1,9 +1,10 @@
 """Memory of QLoRA (4-bit NF4 base + LoRA) vs bf16 LoRA vs full bf16 fine-tuning, same model and batch.
 
 Each variant runs in its own process for a few AdamW steps. `model_mb` is the model's tensor bytes
-(`get_memory_footprint`), `optimizer_mb` the bytes of AdamW's state after the steps. `peak_mb` is, on a GPU, `torch.cuda.max_memory_allocated` (model, adapters, optimizer
-state, activations); on a CPU the process's peak RSS above its RSS after imports, which also holds the allocator's
-and kernels' own overhead (~1 GB here) and so understates the differences.
+(`get_memory_footprint`), `optimizer_mb` the bytes of AdamW's state after the steps. `peak_mb` is, on a GPU,
+`torch.cuda.max_memory_allocated` (model, adapters, optimizer state, activations); on a CPU the process's peak RSS
+above its RSS after imports, which also holds the allocator's and kernels' own overhead (~1 GB here) and so
+understates the differences.
 
     python bench/qlora_memory.py [--steps 3] [--seq 256] [--batch 1] [--model smollm2|llama-1b]
 

@@ -27,6 +27,7 @@ from tandem.adapters import verify_adapter
 from tandem.engine import Completion, Engine, Row
 from tandem.models import BaseModel, load_for_inference, load_tokenizer
 from tandem.registry import Registry
+from tandem.structured import Guides
 
 logger = logging.getLogger("ray.serve")
 
@@ -71,6 +72,7 @@ class LLM:
         self.max_adapters = llm.max_adapters
         self.engine = Engine(self._model, self.tokenizer, llm.max_batch_size, llm.max_adapters, self.lock,
                              self._released)
+        self.guides = Guides(self.tokenizer)
 
         async def load(adapter_id: str) -> LoadedAdapter:
             return await self._load_adapter(adapter_id)
@@ -146,13 +148,14 @@ class LLM:
 
     # generation
     async def __call__(self, request: dict):
-        """{prompt, adapter (name@version or None), max_tokens, temperature, top_p, stop, ignore_eos} -> token
+        """{prompt, adapter (name@version or None), max_tokens, temperature, top_p, stop, ignore_eos, regex (a
+        response_format's, or None)} -> token
         events {"text", "finish_reason", "prompt_tokens", "completion_tokens"}, or one {"error": message} when its
         adapter cannot be loaded or its batch failed."""
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         row = await self._start(request, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
-        if isinstance(row, str):
-            yield {"error": row}
+        if isinstance(row, (str, dict)):
+            yield row if isinstance(row, dict) else {"error": row}
             return
         ended = False
         try:
@@ -164,8 +167,9 @@ class LLM:
             if not ended:  # the caller went away (Serve cancels this call): the row leaves the batch
                 self.engine.cancel(row)
 
-    async def _start(self, request: dict, emit) -> Row | str:
-        """The request's row in the engine, its adapter loaded first; or why its adapter cannot be loaded. The
+    async def _start(self, request: dict, emit) -> Row | str | dict:
+        """The request's row in the engine, its adapter loaded first; or why its adapter cannot be loaded (or, as an
+        error event with status 400, why its response_format cannot be enforced). The
         adapter counts as in use from the start, so a load for another request cannot delete it in between."""
         name = request["adapter"]
         self.starting[name] += 1
@@ -182,8 +186,14 @@ class LLM:
                               f"{self.retry_failed_s:.0f} s"
                     self.failures[name] = (time.monotonic(), message)
                     return message
+            # an index for a new schema takes up to a second, the generic JSON object seconds (once): off the loop
+            try:
+                guide = await asyncio.to_thread(self.guides.guide, request["regex"]) if request.get("regex") else None
+            except ValueError as e:  # a pattern in the caller's schema that the automaton cannot be built from
+                return {"error": f"response_format cannot be enforced: {e}", "status": 400}
             completion = Completion(request["prompt"], request["max_tokens"], request["temperature"],
-                                    request["top_p"], tuple(request["stop"]), request.get("ignore_eos", False))
+                                    request["top_p"], tuple(request["stop"]), request.get("ignore_eos", False),
+                                    guide)
             return self.engine.submit(completion, name, emit)
         finally:
             self.starting[name] -= 1

@@ -29,6 +29,15 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: the answer is JSON (any object, or one a JSON schema accepts), enforced while
+    decoding (tandem/structured.py)."""
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[dict] = Field(None, description='{"name", "schema", "strict"}, for type json_schema')
+
+
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -44,6 +53,7 @@ class ChatCompletionRequest(BaseModel):
     stop: Optional[Union[str, list[str]]] = None
     user: Optional[str] = Field(None, max_length=256, description="pins the user to one variant of the route")
     ignore_eos: bool = Field(False, description="vLLM's extension: generate exactly max_tokens (benchmarks)")
+    response_format: Optional[ResponseFormat] = None
 
     @field_validator("messages")
     @classmethod

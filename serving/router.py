@@ -40,6 +40,7 @@ from tandem.models import BaseModel, load_tokenizer
 from tandem.prompts import parse_rag_answer, rag_messages
 from tandem.registry import Registry, base_model_name
 from tandem.requestlog import JsonlLog, LogWriteError
+from tandem.structured import SchemaError, response_regex
 
 logger = logging.getLogger("ray.serve")
 MAX_CHARS_PER_TOKEN = 10  # no tokenizer here spells a token in more: a cheap bound checked before tokenizing
@@ -264,6 +265,10 @@ class Router:
             authorize(key, "admin")  # a candidate or rolled-back version is not for users yet
         if body.ignore_eos:
             authorize(key, "admin")
+        try:
+            regex = response_regex(body.response_format.model_dump() if body.response_format else None)
+        except SchemaError as e:
+            raise APIError(400, str(e), "response_format") from None
         route = choice.route
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         chars, most = sum(len(m["content"]) for m in messages), self.max_context * MAX_CHARS_PER_TOKEN
@@ -296,7 +301,7 @@ class Router:
         request_id = f"chatcmpl-{int(time.time()):08x}{uuid.uuid4().hex[:24]}"
         payload = {"prompt": prompt, "adapter": choice.adapter, "max_tokens": max_tokens,
                    "temperature": body.temperature or 0.0, "top_p": body.top_p or 1.0, "stop": body.stop or [],
-                   "ignore_eos": body.ignore_eos}
+                   "ignore_eos": body.ignore_eos, "regex": regex}
         # No multiplexed_model_id: Serve splits a batch by it, which would undo mixed-adapter batches. Any LLM
         # replica serves any adapter, loading it on demand.
         events = self.llm.options(stream=True).remote(payload)
@@ -313,12 +318,14 @@ class Router:
             self.shadows.add(asyncio.create_task(self._shadow({**payload, "adapter": route.canary}, shadow, sources)))
         try:  # the first event before any answer is sent: a full queue or an unloadable adapter is a status code
             first = await events.__anext__()
-            if "error" in first:
+            if "error" in first and first.get("status") != 400:
                 raise APIError(503, first["error"], code="adapter_unavailable")
         except BackPressureError as e:  # nothing was served: not logged as an answer, and not the canary's fault
             raise self._busy("LLM", e) from None
         except BaseException as e:
             raise self._failed(e, events, record, started, "", {}, sources) from None
+        if "error" in first:  # the caller's request could not be served as asked: not an answer, not logged
+            raise APIError(400, first["error"], "response_format", "invalid_response_format")
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(self._sse(first, events, body.model, sources, meta, record, started,

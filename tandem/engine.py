@@ -34,6 +34,8 @@ class Completion:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # generate exactly max_tokens (benchmarks; vLLM's extension of the same name)
+    # structured output: an outlines-core Guide (tandem/structured.py) saying which tokens may come next
+    guide: object = None
 
 
 @dataclass(eq=False)
@@ -70,6 +72,7 @@ class Engine:
         self.rows: list[Row] = []
         self.users: Counter = Counter()  # adapter -> rows waiting or running with it
         self.cache = self.mask = self.next_tokens = None  # the running batch's KV cache, attention mask, last tokens
+        self._eos: set[int] | None = None
         self.wake = threading.Condition()
         self.steps = self.prefills = self.most_rows = self.most_adapters = self.cancelled = 0
         threading.Thread(target=self._run, daemon=True, name="engine").start()
@@ -190,13 +193,18 @@ class Engine:
         self.next_tokens = torch.tensor(tokens, device=self.mask.device).unsqueeze(1)
         self._emit(self.rows, tokens)
 
+    @property
+    def eos_ids(self) -> set[int]:
+        if self._eos is None:
+            eos = self.model().generation_config.eos_token_id
+            self._eos = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
+        return self._eos
+
     def _emit(self, rows: list[Row], tokens: list[int]) -> None:
-        eos = self.model().generation_config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
         for row, token in zip(rows, tokens):
             if row.cancelled or row.finish is not None:
                 continue
-            row.emit(self._step(row, token, eos_ids))
+            row.emit(self._step(row, token, self.eos_ids))
 
     def _step(self, row: Row, token: int, eos_ids: set[int]) -> dict:
         c = row.completion
@@ -220,6 +228,11 @@ class Engine:
     def _sample(self, logits, rows: list[Row]) -> list[int]:
         import torch
 
+        guided = [(i, r.completion.guide) for i, r in enumerate(rows)
+                  if r.completion.guide is not None and r.finish is None and not r.cancelled]
+        for i, guide in guided:  # only the tokens the guide allows
+            allowed = torch.tensor(guide.get_tokens(), device=logits.device)
+            logits[i] = torch.full_like(logits[i], float("-inf")).index_copy(0, allowed, logits[i, allowed])
         tokens = logits.argmax(dim=-1)
         for i, row in enumerate(rows):
             c = row.completion
@@ -230,7 +243,11 @@ class Engine:
                     outside = ordered.cumsum(-1) - ordered > c.top_p  # keep the smallest set reaching top_p
                     probs = probs.scatter(0, order, ordered.masked_fill(outside, 0.0))
                 tokens[i] = torch.multinomial(probs / probs.sum(), 1)[0]
-        return tokens.tolist()
+        tokens = tokens.tolist()
+        for i, guide in guided:
+            if tokens[i] not in self.eos_ids:
+                guide.advance(tokens[i], return_tokens=False)
+        return tokens
 
     # the cache
     def _check_cache(self, cache) -> None:

@@ -147,3 +147,37 @@ def test_a_failed_forward_fails_its_rows_and_the_engine_goes_on(mixed):
     engine.submit(Completion(prompt(tokenizer, PROMPTS[0]), 8, ignore_eos=True), "red", after)
     after.wait(finished)
     assert after.text() == alone(model, tokenizer, PROMPTS[0], "red", 8)
+
+
+def test_guided_rows_answer_in_their_schema_beside_free_rows(mixed):
+    """Rows under a response_format guide produce JSON their schema accepts (a random-weight adapter included, which
+    left alone writes no JSON at all), while an unguided row in the same batch still gets what it gets alone."""
+    import json
+
+    from tandem.structured import Guides, SchemaError, response_regex
+
+    model, tokenizer = mixed
+    engine = Engine(lambda: model, tokenizer, max_batch_size=4, max_adapters=2)
+    guides = Guides(tokenizer)
+    schema = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 40},
+                                               "sources": {"type": "array", "items": {"type": "integer"},
+                                                           "maxItems": 3}},
+              "required": ["answer", "sources"]}
+    regex = response_regex({"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}})
+    runs = {who: Collector() for who in ("base", "red", "sampled", "free")}
+    for who, adapter, temperature in (("base", None, 0.0), ("red", "red", 0.0), ("sampled", "blue", 1.0)):
+        engine.submit(Completion(prompt(tokenizer, "Who wrote Hamlet? Answer in JSON."), 96, temperature=temperature,
+                                 guide=guides.guide(regex)), adapter, runs[who])
+    engine.submit(Completion(prompt(tokenizer, PROMPTS[2]), 12, ignore_eos=True), None, runs["free"])
+    for run in runs.values():
+        run.wait(finished)
+    for who in ("base", "red", "sampled"):
+        answer = json.loads(runs[who].text())  # valid JSON, ended by the guide's final state
+        assert runs[who].events[-1]["finish_reason"] == "stop", who
+        assert set(answer) == {"answer", "sources"} and isinstance(answer["answer"], str), who
+        assert all(isinstance(s, int) for s in answer["sources"]) and len(answer["sources"]) <= 3, who
+    assert runs["free"].text() == alone(model, tokenizer, PROMPTS[2], None, 12)
+    assert json.loads(runs["base"].text()) is not None
+    assert response_regex({"type": "text"}) is None and response_regex({"type": "json_object"})
+    with pytest.raises(SchemaError, match="json_schema.schema must be"):
+        response_regex({"type": "json_schema", "json_schema": {"name": "x"}})

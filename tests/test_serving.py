@@ -72,6 +72,28 @@ def chat(client: httpx.Client, model: str, content: str = QUESTION, **kw) -> htt
                                                      **kw})
 
 
+def test_response_format_makes_the_answer_json_its_schema_accepts(client, http):
+    """OpenAI's structured outputs through the openai client: the base model alone writes no JSON for this question;
+    guided, its answer parses and has exactly the schema's field. Schemas that cannot be enforced get 400."""
+    import json
+
+    schema = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 20}}, "required": ["answer"]}
+    asked = [{"role": "user", "content": "Which film did Stanley Kubrick make with Arthur C. Clarke?"}]
+    free = client.chat.completions.create(model="chat", messages=asked, max_tokens=24)
+    reply = client.chat.completions.create(model="chat", messages=asked, max_tokens=48, response_format={
+        "type": "json_schema", "json_schema": {"name": "answer", "schema": schema}})
+    with pytest.raises(ValueError):
+        json.loads(free.choices[0].message.content)
+    answer = json.loads(reply.choices[0].message.content)
+    assert set(answer) == {"answer"} and len(answer["answer"]) <= 20 and reply.choices[0].finish_reason == "stop"
+    for bad, words in [({"type": "string", "pattern": "(("}, "cannot be enforced"),
+                       ({"type": "string", "maxLength": 100000}, "too complex"), ({"type": "weird"}, "Unsupported")]:
+        refused = http.post("/v1/chat/completions", json={"model": "chat", "messages": asked, "response_format": {
+            "type": "json_schema", "json_schema": {"name": "x", "schema": bad}}})
+        assert refused.status_code == 400 and words in refused.json()["error"]["message"], refused.text
+        assert refused.json()["error"]["param"] == "response_format"
+
+
 def test_streaming_matches_the_whole_answer(client):
     whole = client.chat.completions.create(model="assistant@1", messages=[{"role": "user", "content": QUESTION}])
     chunks = list(client.chat.completions.create(model="assistant@1", stream=True,

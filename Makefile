@@ -45,7 +45,7 @@ serve: setup
 	$(PY) -m serving
 
 test: setup
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=15
 
 bench: setup
 	$(PY) bench/index.py

@@ -1,10 +1,11 @@
-"""Distributed (Q)LoRA fine-tuning on Ray Train with DeepSpeed ZeRO-2.
+"""Distributed (Q)LoRA fine-tuning on Ray Train with DeepSpeed ZeRO-2 or ZeRO-3 (or plain DDP).
 
 Each worker loads the base (4-bit NF4 by default), wraps it with LoRA, and trains on its own deterministic shard of
-the cached features; the loss counts completion tokens only. Every `checkpoint_every` steps each rank writes its
-DeepSpeed shard (trainable parameters and optimizer state only) and rank 0 the PEFT adapter, and all report the one
-checkpoint to Ray Train. When a worker dies, Ray Train restarts the group (FailureConfig) and every worker resumes
-from the last checkpoint at the step it records: same shard, same order, nothing seen twice.
+the cached features; the loss counts completion tokens only (or, with `objective=dpo`, is DPO's over preference
+pairs). At every checkpoint each rank writes its DeepSpeed shard (trainable parameters and optimizer state only)
+and rank 0 the PEFT adapter, and all report the one checkpoint to Ray Train. When a worker dies, Ray Train
+restarts the group (FailureConfig) and every worker resumes from the last checkpoint at the step it records: same
+shard, same order, nothing seen twice.
 """
 
 from __future__ import annotations

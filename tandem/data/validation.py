@@ -98,7 +98,7 @@ def _prompt_turns(obj: dict) -> list[dict]:
     turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     if not isinstance(turns, list) or not turns:
         raise ValueError("bad schema: a preference row needs a prompt (text or messages), chosen and rejected")
-    return ([{"role": "system", "content": obj["system"]}] if obj.get("system") else []) + turns
+    return _system(obj) + turns
 
 
 def _answer(obj: dict, key: str) -> str:
@@ -124,11 +124,14 @@ def rejected_answer(obj: dict, messages: list[dict]) -> str | None:
     return rejected
 
 
+def _system(obj: dict) -> list[dict]:
+    return [{"role": "system", "content": obj["system"]}] if obj.get("system") else []
+
+
 def _single_turn(obj: dict, asked: str, answer: str, prompt) -> list[dict]:
     if not all(isinstance(x, str) for x in (prompt, obj[answer], obj.get("system", ""))):
         raise ValueError(f"bad schema: {asked}, {answer} and system must be strings")
-    return ([{"role": "system", "content": obj["system"]}] if obj.get("system") else []) + [
-        {"role": "user", "content": prompt}, {"role": "assistant", "content": obj[answer]}]
+    return _system(obj) + [{"role": "user", "content": prompt}, {"role": "assistant", "content": obj[answer]}]
 
 
 def _sharegpt(obj: dict) -> list[dict]:
@@ -137,10 +140,9 @@ def _sharegpt(obj: dict) -> list[dict]:
     turns = obj["conversations"]
     if not isinstance(turns, list) or not turns or not all(isinstance(t, dict) for t in turns):
         raise ValueError("bad schema: conversations must be a non-empty list of {from, value} objects")
-    system = [{"role": "system", "content": obj["system"]}] if obj.get("system") else []
-    return system + [{**{k: v for k, v in t.items() if k not in ("from", "value")},
-                      "role": SHAREGPT_ROLES.get(t.get("from"), t.get("from")), "content": t.get("value")}
-                     for t in turns]
+    return _system(obj) + [{**{k: v for k, v in t.items() if k not in ("from", "value")},
+                            "role": SHAREGPT_ROLES.get(t.get("from"), t.get("from")), "content": t.get("value")}
+                           for t in turns]
 
 
 def check_roles(messages: list[dict]) -> None:

@@ -108,20 +108,31 @@ def main() -> dict:
     return result
 
 
-def random_llama(path: Path) -> Path:
-    """A Llama of TinyLlama-1.1B's shape with random bf16 weights, written once."""
+def random_llama(path: Path, tokenizer_from: str | None = None) -> Path:
+    """A Llama of TinyLlama-1.1B's shape with random bf16 weights, written once. With `tokenizer_from` (a
+    `model.path`), that base's tokenizer is saved beside the weights and sizes the vocabulary, so jobs can tokenize
+    for it."""
     if (path / "config.json").is_file():
         return path
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+    from tandem.config import load_config
+    from tandem.models import load_tokenizer, prepare_base
+
+    tokenizer = None
+    if tokenizer_from:
+        m = load_config("finetune").model
+        tokenizer = load_tokenizer(prepare_base(tokenizer_from, m.cache_dir, m.dtype))
+    config = LlamaConfig(vocab_size=len(tokenizer) if tokenizer else 32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                          num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
                          tie_word_embeddings=False)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     print(f"random Llama: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters", flush=True)
     model.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
     return path
 
 

@@ -181,3 +181,38 @@ def test_guided_rows_answer_in_their_schema_beside_free_rows(mixed):
     assert response_regex({"type": "text"}) is None and response_regex({"type": "json_object"})
     with pytest.raises(SchemaError, match="json_schema.schema must be"):
         response_regex({"type": "json_schema", "json_schema": {"name": "x"}})
+
+
+def test_gathered_lora_matches_pefts_mixed_batch(mixed):
+    """One batched matmul per layer over stacked adapters gives PEFT's mixed-batch logits: rows of two adapters, the
+    base, and a third adapter of another rank on another layer set (zero-padded in the stacks)."""
+    import torch
+    from peft import LoraConfig
+
+    from tandem.gathered_lora import GatheredLoRA
+
+    model, tokenizer = mixed
+    model.add_adapter("green", LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                          target_modules=["q_proj", "k_proj"], task_type="CAUSAL_LM"))
+    try:
+        torch.manual_seed(2)
+        for module in model.modules():
+            if hasattr(module, "lora_B") and "green" in module.lora_B:
+                torch.nn.init.normal_(module.lora_B["green"].weight, std=0.05)
+        assert GatheredLoRA.supports(model)
+        gathered = GatheredLoRA(model)
+        tokenizer.padding_side = "left"
+        batch = tokenizer([prompt(tokenizer, p) for p in PROMPTS[:4]], return_tensors="pt", padding=True,
+                          add_special_tokens=False)
+        adapters = ["red", None, "blue", "green"]
+        with torch.no_grad():
+            expected = model(**batch, adapter_names=[a or "__base__" for a in adapters]).logits
+            with gathered.rows(adapters):
+                got = model(**batch).logits
+            with model.disable_adapter():
+                base = model(**batch).logits
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+        assert (expected[0] - base[0]).abs().max() > 0.1 and (expected[3] - base[3]).abs().max() > 0.1
+        torch.testing.assert_close(got[1], base[1])  # the base row is the base
+    finally:
+        model.delete_adapter("green")

@@ -124,9 +124,9 @@ def random_llama(path: Path, tokenizer_from: str | None = None) -> Path:
     if tokenizer_from:
         m = load_config("finetune").model
         tokenizer = load_tokenizer(prepare_base(tokenizer_from, m.cache_dir, m.dtype))
-    config = LlamaConfig(vocab_size=len(tokenizer) if tokenizer else 32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                         num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(vocab_size=len(tokenizer) if tokenizer else 32000, hidden_size=2048, intermediate_size=5632,
+                         num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+                         max_position_embeddings=2048, tie_word_embeddings=False)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     print(f"random Llama: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters", flush=True)

@@ -25,6 +25,7 @@ from ray import serve
 from serving.metrics import AdapterMetrics
 from tandem.adapters import verify_adapter
 from tandem.engine import Completion, Engine, Row
+from tandem.gathered_lora import GatheredLoRA
 from tandem.models import BaseModel, load_for_inference, load_tokenizer
 from tandem.registry import Registry
 from tandem.structured import Guides
@@ -70,8 +71,10 @@ class LLM:
         self.metrics = AdapterMetrics()
         self.registry = Registry.from_config(cfg)
         self.max_adapters = llm.max_adapters
+        self.lora_kernel = llm.lora_kernel
+        self.gathered: GatheredLoRA | None = None  # stacks of the loaded adapters, remade at every load and delete
         self.engine = Engine(self._model, self.tokenizer, llm.max_batch_size, llm.max_adapters, self.lock,
-                             self._released)
+                             self._released, lambda: self.gathered)
         self.guides = Guides(self.tokenizer)
 
         async def load(adapter_id: str) -> LoadedAdapter:
@@ -115,6 +118,17 @@ class LLM:
                 self.peft.load_adapter(str(path), adapter_name=name)
                 if self.peft.active_adapter not in self.peft.peft_config:  # the active one was evicted
                     self.peft.set_adapter(name)
+            self._restack()
+
+    def _restack(self) -> None:
+        """Gathered LoRA over the adapters now loaded (serve.llm.lora_kernel=gathered, plain LoRA on linear layers);
+        else PEFT's mixed-batch forward. Called with the lock held, so no forward sees half-made stacks."""
+        if self.lora_kernel != "gathered" or self.peft is None or not GatheredLoRA.supports(self.peft):
+            self.gathered = None
+        elif self.gathered is None:
+            self.gathered = GatheredLoRA(self.peft)
+        else:
+            self.gathered.restack()
 
     def unload(self, name: str) -> None:
         with self.lock:
@@ -132,6 +146,7 @@ class LLM:
     def _delete(self, name: str) -> None:
         if self.peft is not None and name in self.peft.peft_config:
             self.peft.delete_adapter(name)
+            self._restack()
             self.evictions += 1
             self.metrics.evictions.inc(1, {"adapter": name})
 

@@ -275,6 +275,9 @@ class LLMServeConfig:
     max_adapters: int = 4  # LoRA adapters kept loaded per replica (LRU); an evicted one is deleted
     retry_failed_adapter_s: float = 30.0  # an adapter that failed to load fails its requests at once this long
     max_batch_size: int = 8  # rows of any adapters decoded together (continuous batching: they join at any step)
+    # gathered: every row's adapter in one batched matmul per layer (tandem/gathered_lora.py) | peft: PEFT's
+    # mixed-batch forward, a loop over the adapters in every layer
+    lora_kernel: str = "gathered"
     max_ongoing_requests: int = 32  # requests one replica accepts at once (Serve backpressure)
     # requests each router may hold waiting for a free LLM replica; beyond: 429 with Retry-After (-1: no limit)
     max_queued_requests: int = 32

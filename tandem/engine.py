@@ -7,8 +7,9 @@ its own prefill (interleaved with the running decode), instead of for the whole 
 The running rows share one KV cache (`DynamicCache`), left-padded to a common length. New requests are prefilled
 together in a cache of their own, whose rows are then padded and appended; a finished or cancelled row is dropped
 with `batch_select_indices`, and columns no remaining row uses are trimmed from the left. Each step is one forward
-over every running row; with adapters loaded it is PEFT's mixed-adapter batch (`adapter_names=`, `__base__` for
-none). Rotary positions come from each row's own token count, so padding never shifts them.
+over every running row; with adapters loaded it is gathered LoRA (tandem/gathered_lora.py: one batched matmul
+per layer over stacked adapters) when the caller provides it, else PEFT's mixed-adapter batch (`adapter_names=`,
+`__base__` for none). Rotary positions come from each row's own token count, so padding never shifts them.
 
 The engine runs in a thread of its own and hands every event to the `emit` callback its request came with.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter, deque
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -61,8 +63,9 @@ class Engine:
     adapters the engine no longer has rows for, so their deletion can wait for their last row)."""
 
     def __init__(self, model: Callable, tokenizer, max_batch_size: int = 8, max_adapters: int = 4,
-                 lock: threading.Lock | None = None, released: Callable[[set[str]], None] = lambda names: None):
-        self.model, self.tokenizer = model, tokenizer
+                 lock: threading.Lock | None = None, released: Callable[[set[str]], None] = lambda names: None,
+                 gathered: Callable = lambda: None):
+        self.model, self.tokenizer, self.gathered = model, tokenizer, gathered
         self.max_batch_size, self.max_adapters = max_batch_size, max_adapters
         self.lock = lock or threading.Lock()
         self.released = released
@@ -151,13 +154,16 @@ class Engine:
 
     def _forward(self, rows: list[Row], input_ids, mask, cache) -> list[int]:
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
-        model = self.model()
-        kwargs = {}
-        if hasattr(model, "peft_config") and model.peft_config:  # a mixed-adapter batch
+        model, gathered = self.model(), self.gathered()
+        kwargs, rows_adapters = {}, nullcontext()
+        if gathered is not None:  # one batched matmul per layer over stacked adapters
+            rows_adapters = gathered.rows([r.adapter for r in rows])
+        elif hasattr(model, "peft_config") and model.peft_config:  # PEFT's mixed-adapter batch
             kwargs["adapter_names"] = [r.adapter or BASE for r in rows]
         # logits of the last position only: a prefill's full logits would cost more than all its decode steps
-        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
-                    use_cache=True, logits_to_keep=1, **kwargs)
+        with rows_adapters:
+            out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
+                        use_cache=True, logits_to_keep=1, **kwargs)
         self.steps += 1
         self.most_rows = max(self.most_rows, len(rows))
         self.most_adapters = max(self.most_adapters, len({r.adapter for r in rows}))

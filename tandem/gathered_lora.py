@@ -1,9 +1,10 @@
 """Gathered LoRA: every row of a batch applies its own adapter in one batched matmul per layer (Punica's BGMV idea,
 in plain torch), instead of PEFT's mixed-batch forward, which loops over the adapters present in every LoRA layer.
 
-For each LoRA linear layer the loaded adapters' matrices are stacked once, A as (slots, r, in) and B, already
-scaled, as (slots, out, r), zero-padded to the largest rank; slot 0 is all zeros, for rows without an adapter. A
-forward then runs the base with PEFT's adapters switched off, and a hook on each LoRA layer adds
+For each LoRA linear layer the loaded adapters' matrices are stacked once, transposed for `bmm`: A as
+(slots, in, r) and B, already scaled, as (slots, r, out), zero-padded to the largest rank; slot 0 is all zeros,
+for rows without an adapter. A forward then runs the base with PEFT's adapters switched off, and a hook on each
+LoRA layer adds
 `x @ A[slot]^T @ B[slot]^T` for all rows at once: two gathers and two `bmm`s per layer, whatever the number of
 adapters. Plain LoRA on linear layers only; a model with other LoRA variants (DoRA, embeddings) keeps PEFT's path.
 """
@@ -46,42 +47,41 @@ class GatheredLoRA:
             weight = module.get_base_layer().weight
             out_features, in_features = module.out_features, module.in_features
             dtype = module.lora_A[present[0]].weight.dtype if present else torch.float32
-            a = torch.zeros(len(names) + 1, rank, in_features, dtype=dtype, device=weight.device)
-            b = torch.zeros(len(names) + 1, out_features, rank, dtype=dtype, device=weight.device)
+            a = torch.zeros(len(names) + 1, in_features, rank, dtype=dtype, device=weight.device)
+            b = torch.zeros(len(names) + 1, rank, out_features, dtype=dtype, device=weight.device)
             for n in present:
                 r = module.lora_A[n].weight.shape[0]
-                a[self.slots[n], :r] = module.lora_A[n].weight
-                b[self.slots[n], :, :r] = module.lora_B[n].weight * module.scaling[n]
+                a[self.slots[n], :, :r] = module.lora_A[n].weight.T
+                b[self.slots[n], :r] = (module.lora_B[n].weight * module.scaling[n]).T
             self.layers.append((module, a, b))
 
     @contextmanager
     def rows(self, adapters: list[str | None]):
+        """PEFT's own adapters are switched off layer by layer, through the flag its forward reads: its
+        `disable_adapter()` walks the whole model for a status report first, about 120 ms a call here, more than a
+        decode step."""
         import torch
 
-        if not any(adapters):  # the base alone: nothing to add
-            with self.model.disable_adapter():
-                yield
-            return
-        device = self.layers[0][1].device
-        slots = torch.tensor([self.slots[a] if a else 0 for a in adapters], device=device)
-        hooks = [module.register_forward_hook(_adder(a[slots], b[slots].transpose(1, 2)))
-                 for module, a, b in self.layers]
+        hooks = []
+        if any(adapters):  # the base alone needs nothing added
+            slots = torch.tensor([self.slots[a] if a else 0 for a in adapters], device=self.layers[0][1].device)
+            hooks = [module.register_forward_hook(_adder(a[slots], b[slots])) for module, a, b in self.layers]
+        for module, _, _ in self.layers:
+            module._disable_adapters = True
         try:
-            with self.model.disable_adapter():
-                yield
+            yield
         finally:
+            for module, _, _ in self.layers:
+                module._disable_adapters = False
             for hook in hooks:
                 hook.remove()
 
 
-def _adder(a, b_t):
-    """A hook adding each row's LoRA update: a (rows, r, in), b_t (rows, r, out), both for this batch's rows."""
+def _adder(a, b):
+    """A hook adding each row's LoRA update: a (rows, in, r) and b (rows, r, out), gathered for this batch's rows."""
     import torch
 
-    a_t = a.transpose(1, 2)
-
     def hook(module, inputs, output):
-        x = inputs[0]
-        return output + torch.bmm(torch.bmm(x.to(a_t.dtype), a_t), b_t).to(output.dtype)
+        return output + torch.bmm(torch.bmm(inputs[0].to(a.dtype), a), b).to(output.dtype)
 
     return hook

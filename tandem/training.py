@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import resource
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -172,6 +173,9 @@ class LoRARecipe:
             self.engine = ray.train.torch.prepare_model(model, move_to_device=False)
         self._restore()
         self._start_trackers()
+        # what this worker holds for parameters once DeepSpeed has partitioned them (ZeRO-3: its partition)
+        self.param_bytes = sum((p.ds_tensor if hasattr(p, "ds_tensor") else p).numel() * p.element_size()
+                               for p in model.parameters())
 
     @property
     def use_gpu(self) -> bool:
@@ -237,12 +241,18 @@ class LoRARecipe:
 
     def _mean(self, value: float) -> float:
         """The mean over workers: every worker gets the same number, so all decide alike."""
+        return self._reduce(value, "SUM") / self.world
+
+    def _max(self, value: float) -> float:
+        return self._reduce(value, "MAX")
+
+    def _reduce(self, value: float, op: str) -> float:
         import torch
         import torch.distributed as dist
 
         tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(tensor)
-        return tensor.item() / self.world
+        dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op))
+        return tensor.item()
 
     def train(self) -> None:
         import torch
@@ -279,7 +289,8 @@ class LoRARecipe:
             metrics = {"step": done, "epoch": epoch, "loss": self._mean(sum(recent) / len(recent)),
                        "lr": self.scheduler.get_last_lr()[0],
                        "tokens_per_s": self._mean(tokens / (time.monotonic() - started)) * self.world,
-                       "resumed_from": start}
+                       "resumed_from": start, "worker_param_mb": self._max(self.param_bytes) / 2**20,
+                       "worker_peak_rss_mb": self._max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 2**10}
             recent.clear()
             stop = False
             if evaluate:

@@ -81,9 +81,14 @@ def finished(events) -> bool:
     return bool(events) and ("error" in events[-1] or events[-1].get("finish_reason"))
 
 
-def test_rows_that_join_and_leave_get_what_they_would_get_alone(mixed):
+@pytest.mark.parametrize("kernel", ["peft", "gathered"])
+def test_rows_that_join_and_leave_get_what_they_would_get_alone(mixed, kernel):
+    """With either LoRA kernel: PEFT's mixed batch, or gathered LoRA (stacked adapters, one bmm per layer)."""
+    from tandem.gathered_lora import GatheredLoRA
+
     model, tokenizer = mixed
-    engine = Engine(lambda: model, tokenizer, max_batch_size=4, max_adapters=2)
+    gathered = GatheredLoRA(model) if kernel == "gathered" else None
+    engine = Engine(lambda: model, tokenizer, max_batch_size=4, max_adapters=2, gathered=lambda: gathered)
     plan = [("red", 12), (None, 6), ("blue", 16), ("red", 9), ("blue", 5)]  # five requests, room for four at once
     runs = [Collector() for _ in plan]
     first = [engine.submit(Completion(prompt(tokenizer, PROMPTS[i]), n, ignore_eos=True), adapter, runs[i])

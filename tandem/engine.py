@@ -236,9 +236,15 @@ class Engine:
 
         guided = [(i, r.completion.guide) for i, r in enumerate(rows)
                   if r.completion.guide is not None and r.finish is None and not r.cancelled]
-        for i, guide in guided:  # only the tokens the guide allows
-            allowed = torch.tensor(guide.get_tokens(), device=logits.device)
-            logits[i] = torch.full_like(logits[i], float("-inf")).index_copy(0, allowed, logits[i, allowed])
+        if guided:  # only the tokens each guide allows: its bitmask (32 tokens a word), unpacked
+            vocab = logits.shape[1]
+            words = torch.zeros(len(guided), (vocab + 31) // 32, dtype=torch.int32)
+            for row, (_, guide) in enumerate(guided):
+                guide.write_mask_into(words[row].data_ptr(), words.shape[1], words.element_size())
+            bits = (words.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
+            allowed = bits.flatten(1)[:, :vocab].bool().to(logits.device)
+            index = torch.tensor([i for i, _ in guided], device=logits.device)
+            logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
         tokens = logits.argmax(dim=-1)
         for i, row in enumerate(rows):
             c = row.completion

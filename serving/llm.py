@@ -169,8 +169,8 @@ class LLM:
         adapter cannot be loaded or its batch failed."""
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         row = await self._start(request, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
-        if isinstance(row, (str, dict)):
-            yield row if isinstance(row, dict) else {"error": row}
+        if not isinstance(row, Row):  # why it cannot start: one error event
+            yield row
             return
         ended = False
         try:
@@ -182,16 +182,16 @@ class LLM:
             if not ended:  # the caller went away (Serve cancels this call): the row leaves the batch
                 self.engine.cancel(row)
 
-    async def _start(self, request: dict, emit) -> Row | str | dict:
-        """The request's row in the engine, its adapter loaded first; or why its adapter cannot be loaded (or, as an
-        error event with status 400, why its response_format cannot be enforced). The
+    async def _start(self, request: dict, emit) -> Row | dict:
+        """The request's row in the engine, its adapter loaded first; or an error event saying why its adapter
+        cannot be loaded (or, with status 400, why its response_format cannot be enforced). The
         adapter counts as in use from the start, so a load for another request cannot delete it in between."""
         name = request["adapter"]
         self.starting[name] += 1
         try:
             if name is not None:
                 if (message := self._recent_failure(name)) is not None:
-                    return message
+                    return {"error": message}
                 try:
                     await self.adapter(name)
                 except Exception as e:  # a corrupt or foreign adapter fails its own requests only
@@ -200,7 +200,7 @@ class LLM:
                     message = f"adapter {name} could not be loaded ({type(e).__name__}); it is retried after " \
                               f"{self.retry_failed_s:.0f} s"
                     self.failures[name] = (time.monotonic(), message)
-                    return message
+                    return {"error": message}
             # an index for a new schema takes up to a second, the generic JSON object seconds (once): off the loop
             try:
                 guide = await asyncio.to_thread(self.guides.guide, request["regex"]) if request.get("regex") else None

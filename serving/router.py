@@ -268,7 +268,7 @@ class Router:
         try:
             regex = response_regex(body.response_format.model_dump() if body.response_format else None)
         except SchemaError as e:
-            raise APIError(400, str(e), "response_format") from None
+            raise APIError(400, str(e), "response_format", "invalid_response_format") from None
         route = choice.route
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         chars, most = sum(len(m["content"]) for m in messages), self.max_context * MAX_CHARS_PER_TOKEN

@@ -92,6 +92,7 @@ def test_response_format_makes_the_answer_json_its_schema_accepts(client, http):
             "type": "json_schema", "json_schema": {"name": "x", "schema": bad}}})
         assert refused.status_code == 400 and words in refused.json()["error"]["message"], refused.text
         assert refused.json()["error"]["param"] == "response_format"
+        assert refused.json()["error"]["code"] == "invalid_response_format"
 
 
 def test_streaming_matches_the_whole_answer(client):

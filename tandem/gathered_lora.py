@@ -5,7 +5,8 @@ For each LoRA linear layer the loaded adapters' matrices are stacked once, trans
 (slots, in, r) and B, already scaled, as (slots, r, out), zero-padded to the largest rank; slot 0 is all zeros,
 for rows without an adapter. A forward then runs the base with PEFT's adapters switched off, and a hook on each
 LoRA layer adds `x @ A[slot]^T @ B[slot]^T` for all rows at once: two gathers and two `bmm`s per layer, whatever
-the number of adapters. Plain LoRA on linear layers only; a model with other LoRA variants (DoRA, embeddings) keeps PEFT's path.
+the number of adapters. Plain LoRA on linear layers only; a model with other LoRA variants (DoRA, embeddings)
+keeps PEFT's path.
 """
 
 from __future__ import annotations

@@ -1,10 +1,15 @@
-"""Index a BEIR dataset and compare dense, BM25 and hybrid retrieval side by side.
+"""Index a BEIR dataset and compare dense, BM25 and hybrid retrieval side by side, with significance tests.
 
     python -m jobs.eval_retrieval eval.dataset=DIR [store.uri=URI] [store.collection=NAME]
-    python -m jobs.eval_retrieval -m eval.dataset=DIR eval.k=5,10 search.rrf_k=20,60 eval.modes=[hybrid],[dense]
+    python -m jobs.eval_retrieval eval.dataset=DIR eval.tune_fusion=true
+    python -m jobs.eval_retrieval -m eval.dataset=DIR eval.k=5,10 search.fusion.dense_weight=0.5,0.8 \\
+        eval.modes=[hybrid],[dense]
 
 With -m, every combination of the comma-separated search-time values is scored over one index: one report per
 combination beside eval.output (in <output>-sweep/) and a summary table.
+
+With eval.tune_fusion=true, hybrid's fusion (search.fusion) is chosen on a dev split of the queries by nDCG@10, and
+every mode is scored on the remaining queries only; the report gives the overrides that set the chosen fusion.
 """
 
 from __future__ import annotations
@@ -19,15 +24,17 @@ from omegaconf import OmegaConf
 from tandem.commandline import Job, run
 from tandem.config import require
 from tandem.embedding import Embedder
-from tandem.evaluation import dedupe_docs, load_beir, retrieval_metrics
+from tandem.errors import ConfigError
+from tandem.evaluation import load_beir, ranked_documents, retrieval_metrics, significance, split_dev
 from tandem.indexing import run_index
 from tandem.milvus import connect, milvus_endpoint
 from tandem.retrieval import Retriever
 from tandem.runtime import ray_session, write_json
 
-JOB = Job("eval_retrieval", __doc__, ("eval", "search.rrf_k", "store", "embedder", "chunking", "ray"),
+JOB = Job("eval_retrieval", __doc__, ("eval", "search.fusion", "search.collection_fusion", "store", "embedder",
+                                      "chunking", "ray"),
           # what changes only how the index is searched, so one index serves every combination
-          sweeps=("eval.modes", "eval.k", "eval.max_queries", "search.rrf_k", "store.search_params"))
+          sweeps=("eval.modes", "eval.k", "eval.max_queries", "search.fusion", "store.search_params"))
 
 
 def index_corpus(cfg, uri: str, corpus: Path) -> dict:
@@ -38,18 +45,43 @@ def index_corpus(cfg, uri: str, corpus: Path) -> dict:
 
 
 def score(cfg, client, embedder: Embedder, queries: dict, qrels: dict) -> dict:
-    """Metrics per mode for one configuration's search-time settings."""
+    """Metrics per mode for one configuration's search-time settings, and the paired tests between modes."""
     retriever = Retriever.from_config(client, cfg.store.collection, embedder.encode, cfg)
-    qids = list(queries)[: cfg.eval.max_queries or None]
-    results = {}
-    for mode in cfg.eval.modes:
-        ranked = {}
-        for i in range(0, len(qids), cfg.eval.batch_size):
-            batch = qids[i : i + cfg.eval.batch_size]
-            hits = retriever.search([queries[q] for q in batch], k=3 * cfg.eval.k, mode=mode)
-            ranked.update({q: dedupe_docs([h.doc_id for h in hs])[: cfg.eval.k] for q, hs in zip(batch, hits)})
-        results[mode] = retrieval_metrics(ranked, {q: qrels[q] for q in qids})
-    return {"queries": len(qids), "metrics": results}
+    asked = {q: queries[q] for q in list(queries)[: cfg.eval.max_queries or None]}
+    judged = {q: qrels[q] for q in asked}
+    ranked = {mode: ranked_documents(retriever, asked, mode, cfg.eval.k, cfg.eval.batch_size)
+              for mode in cfg.eval.modes}
+    return {"queries": len(asked), "metrics": {mode: retrieval_metrics(r, judged) for mode, r in ranked.items()},
+            "significance": significance(ranked, judged) if len(ranked) > 1 else {}}
+
+
+def fusion_candidates(e) -> list[dict]:
+    return ([{"method": "weighted", "dense_weight": float(w)} for w in e.dense_weights] +
+            [{"method": "rrf", "rrf_k": int(k)} for k in e.rrf_ks])
+
+
+def tune_fusion(cfg, client, embedder: Embedder, queries: dict, qrels: dict) -> dict:
+    """Each candidate's hybrid nDCG@10 on the dev queries, and every mode scored on the test queries with the best."""
+    dev, test = split_dev(list(queries)[: cfg.eval.max_queries or None], cfg.eval.dev_fraction)
+    if not dev or not test:
+        raise ConfigError(f"eval.dev_fraction={cfg.eval.dev_fraction} leaves {len(dev)} dev and {len(test)} test "
+                          "queries; both need some")
+    tried, cfg = [], OmegaConf.merge(cfg)
+    OmegaConf.update(cfg, "search.collection_fusion", {}, merge=False)  # only the candidates count
+    for fusion in fusion_candidates(cfg.eval):
+        retriever = Retriever.from_config(client, cfg.store.collection, embedder.encode,
+                                          OmegaConf.merge(cfg, {"search": {"fusion": fusion}}))
+        ranked = ranked_documents(retriever, {q: queries[q] for q in dev}, "hybrid", cfg.eval.k, cfg.eval.batch_size)
+        tried.append({**fusion, "dev_ndcg@10": retrieval_metrics(ranked, {q: qrels[q] for q in dev})["ndcg@10"]})
+    best = max(tried, key=lambda t: t["dev_ndcg@10"])
+    chosen = {k: v for k, v in best.items() if k != "dev_ndcg@10"}
+    tuned = OmegaConf.merge(cfg, {"search": {"fusion": chosen}, "eval": {"max_queries": 0}})
+    report = score(tuned, client, embedder, {q: queries[q] for q in test}, qrels)
+    return {**report, "fusion": {"dev_queries": len(dev), "test_queries": len(test), "candidates": tried,
+                                 "chosen": chosen,
+                                 "overrides": " ".join(f"search.fusion.{k}={v}" for k, v in chosen.items()),
+                                 "collection_override": "+search.collection_fusion.COLLECTION={" +
+                                 ", ".join(f"{k}: {v}" for k, v in chosen.items()) + "}"}}
 
 
 def format_table(report: dict) -> str:
@@ -58,6 +90,14 @@ def format_table(report: dict) -> str:
     lines = [f"{report['dataset']}: {report['queries']} queries, {report['documents']} documents, "
              f"{report['chunks']} chunks", "mode    " + "".join(f"{n:>11}" for n in names)]
     lines += [f"{mode:<8}" + "".join(f"{m[n]:>11.4f}" for n in names) for mode, m in metrics.items()]
+    if "hybrid" in metrics and len(metrics) > 1:
+        ndcg, p = metrics["hybrid"]["ndcg@10"], report["significance"]["hybrid"]
+        lines.append("hybrid vs " + ", ".join(f"{other}: nDCG@10 {ndcg - metrics[other]['ndcg@10']:+.4f} "
+                                             f"(p={p[other]['ndcg@10']:.3f})" for other in p))
+    if "fusion" in report:
+        f = report["fusion"]
+        lines[:0] = [f"fusion chosen on {f['dev_queries']} dev queries by nDCG@10: {f['overrides']} (for one "
+                     f"collection: {f['collection_override']}); scored below on the other {f['test_queries']}"]
     return "\n".join(lines)
 
 
@@ -81,10 +121,16 @@ def main(argv: list[str] | None = None) -> dict:
         summary = index_corpus(cfg, uri, corpus)
         embedder = Embedder.from_config(cfg.embedder)
         client = connect(uri)
+        counts = {"dataset": str(cfg.eval.dataset), "documents": summary["documents_read"],
+                  "chunks": summary["rows_after"]}
         try:
-            reports = [{"dataset": str(cfg.eval.dataset), "documents": summary["documents_read"],
-                        "chunks": summary["rows_after"], "overrides": swept,
-                        **score(run_cfg, client, embedder, queries, qrels)} for swept, run_cfg in runs]
+            if cfg.eval.tune_fusion:
+                if len(runs) > 1:
+                    raise ConfigError("eval.tune_fusion=true chooses the fusion itself; run it without -m")
+                reports = [{**counts, "overrides": [], **tune_fusion(cfg, client, embedder, queries, qrels)}]
+            else:
+                reports = [{**counts, "overrides": swept, **score(run_cfg, client, embedder, queries, qrels)}
+                           for swept, run_cfg in runs]
         finally:
             client.close()
     if len(runs) == 1:

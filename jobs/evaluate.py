@@ -27,7 +27,8 @@ from tandem.freshness import check_freshness, freshness_lines
 from tandem.registry import Registry
 from tandem.runtime import write_json
 
-JOB = Job("evaluate", __doc__, ("evaluate", "search.rrf_k", "store.uri", "model", "mlflow", "embedder.model", "ray"),
+JOB = Job("evaluate", __doc__, ("evaluate", "search.fusion", "search.collection_fusion", "store.uri", "model", "mlflow",
+                                "embedder.model", "ray"),
           shorthands={"adapter": "evaluate.adapter"})
 COLUMNS = ("contains", "exact", "f1", "valid", "citation_precision", "citation_recall", "grounded", "abstained",
            "retrieved_gold")

@@ -19,8 +19,8 @@ from tandem.commandline import Job, run
 from tandem.runtime import ray_session
 
 JOB = Job("serve", __doc__, ("serve", "auth.mode", "auth.keys_file", "model", "store.uri", "store.collection",
-                             "store.search_params", "search.rrf_k", "embedder.model", "embedder.device", "mlflow",
-                             "rollout"), module="serving")
+                             "store.search_params", "search.fusion", "search.collection_fusion", "embedder.model",
+                             "embedder.device", "mlflow", "rollout"), module="serving")
 
 
 def ask(base_url: str, route: str, question: str) -> dict:

@@ -37,7 +37,7 @@ from tandem.data import privacy
 from tandem.keys import AuthError, Key, KeyStore, auth_mode, authenticate, authorize, user_secret
 from tandem.milvus import all_of
 from tandem.models import BaseModel, load_tokenizer
-from tandem.prompts import parse_rag_answer, rag_messages
+from tandem.prompts import answer_format, parse_rag_answer, rag_messages
 from tandem.registry import Registry, base_model_name
 from tandem.requestlog import JsonlLog, LogWriteError
 from tandem.structured import SchemaError, response_regex
@@ -284,6 +284,8 @@ class Router:
             sources = [{"index": i, **h} for i, h in enumerate(hits, start=1)]
             system, user = rag_messages(question, [h["text"] for h in hits])
             messages = [system, *[m for m in messages[:-1] if m["role"] != "system"], user]
+        if route.cfg.guided and regex is None:
+            regex = response_regex(answer_format(len(sources)))
         prompt, prompt_tokens = await asyncio.to_thread(self._prompt, messages)  # off the event loop
         # redaction costs about a second per MB of text: off the loop too
         logged = (await asyncio.to_thread(privacy.redact_messages, messages) if self.cfg.serve.request_log_redact

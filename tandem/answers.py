@@ -138,23 +138,28 @@ def compare(a: list[dict], b: list[dict], key: str, samples: int = 2000, seed: i
 
 
 # The decision matrix's questions: which arm pairs, on which metric, answer "is knowledge missing?" and "is
-# behaviour missing?" (Tandem's argument: RAG supplies the what, fine-tuning the how).
+# behaviour missing?" (Tandem's argument: RAG supplies the what, fine-tuning the how), and, with constrained
+# decoding, "is fine-tuning still needed once decoding enforces the format?"
 QUESTIONS = (
-    ("knowledge", "base", "base+rag", "contains", "correctness"),
-    ("knowledge", "tuned", "tuned+rag", "contains", "correctness"),
-    ("behaviour", "base+rag", "tuned+rag", "valid", "format validity"),
-    ("behaviour", "base+rag", "tuned+rag", "citation_precision", "citation precision"),
-    ("behaviour", "base+rag", "tuned+rag", "abstained", "abstention on unanswerable questions"),
-    ("behaviour", "base+rag", "tuned+rag", "contains", "correctness"),
+    ("knowledge", "RAG", "base", "base+rag", "contains", "correctness"),
+    ("knowledge", "RAG", "tuned", "tuned+rag", "contains", "correctness"),
+    ("behaviour", "fine-tuning", "base+rag", "tuned+rag", "valid", "format validity"),
+    ("behaviour", "fine-tuning", "base+rag", "tuned+rag", "citation_precision", "citation precision"),
+    ("behaviour", "fine-tuning", "base+rag", "tuned+rag", "abstained", "abstention on unanswerable questions"),
+    ("behaviour", "fine-tuning", "base+rag", "tuned+rag", "contains", "correctness"),
+    ("format", "constrained decoding", "base+rag", "base+rag+guided", "valid", "format validity"),
+    ("behaviour", "fine-tuning", "base+rag+guided", "tuned+rag", "contains", "correctness"),
+    ("behaviour", "fine-tuning", "base+rag+guided", "tuned+rag", "citation_precision", "citation precision"),
+    ("behaviour", "fine-tuning", "base+rag+guided", "tuned+rag", "abstained", "abstention on unanswerable questions"),
 )
 
 
 def comparisons(rows: dict[str, list[dict]], samples: int = 2000) -> list[dict]:
     """Each of QUESTIONS whose two arms were run, with its paired bootstrap interval."""
     out = []
-    for aspect, a, b, key, what in QUESTIONS:
+    for aspect, step, a, b, key, what in QUESTIONS:
         if a in rows and b in rows and (c := compare(rows[a], rows[b], key, samples)) is not None:
-            out.append({"aspect": aspect, "from": a, "to": b, "metric": key, "what": what, **c})
+            out.append({"aspect": aspect, "step": step, "from": a, "to": b, "metric": key, "what": what, **c})
     return out
 
 
@@ -164,7 +169,7 @@ def verdict(summaries: dict[str, dict], compared: list[dict]) -> list[str]:
     lines = []
     for c in compared:
         interval = f"{c['delta']:+.2f}, 95% CI {c['low']:+.2f}..{c['high']:+.2f}, n={c['n']}"
-        step = "RAG" if c["aspect"] == "knowledge" else "fine-tuning"
+        step = c["step"]
         if c["significant"] and c["delta"] > 0:
             lines.append(f"missing {c['aspect']}: {step} adds {c['what']} to {c['from']} ({interval})")
         elif c["significant"]:

@@ -10,26 +10,35 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from tandem.answers import Reply, comparisons, score_answer, summarize, verdict
 from tandem.errors import ConfigError
 from tandem.generation import Generated, generate_replies
-from tandem.prompts import rag_messages
+from tandem.prompts import answer_format, rag_messages
 from tandem.qa import load_qa, passages_for, pick
+from tandem.structured import Guides, response_regex
 
 
-def parse_arm(arm: str, tuned: str | None) -> tuple[str | None, bool]:
-    """`tuned+rag` -> (the tuned adapter's ref, True); `base` -> (None, False); `name@3+rag` -> ("name@3", True)."""
-    model, rag = arm.removesuffix("+rag"), arm.endswith("+rag")
-    if model == "base":
-        return None, rag
+class Arm(NamedTuple):
+    ref: str | None  # the adapter, None for the base alone
+    rag: bool  # answers from the retriever's passages
+    guided: bool  # decoding constrained to the answer's JSON shape (tandem/structured.py)
+
+
+def parse_arm(arm: str, tuned: str | None) -> Arm:
+    """`tuned+rag` -> the tuned adapter's ref, with passages; `base+rag+guided` -> the base, with passages, its
+    decoding held to the answer's shape; `name@3` -> that adapter version, without passages."""
+    model, *flags = arm.split("+")
+    if any(f not in ("rag", "guided") for f in flags) or len(set(flags)) < len(flags):
+        raise ConfigError(f"arm {arm!r}: expected base, tuned or NAME@VERSION, then optionally +rag and +guided")
     if model == "tuned":
         if not tuned:
             raise ConfigError(f"arm {arm!r} needs evaluate.adapter=NAME@ALIAS|VERSION (adapter=... for short)")
-        return tuned, rag
-    if "@" not in model:
-        raise ConfigError(f"arm {arm!r}: expected base, tuned or NAME@VERSION, each optionally +rag")
-    return model, rag
+        model = tuned
+    elif model != "base" and "@" not in model:
+        raise ConfigError(f"arm {arm!r}: expected base, tuned or NAME@VERSION, then optionally +rag and +guided")
+    return Arm(None if model == "base" else model, "rag" in flags, "guided" in flags)
 
 
 class Models:
@@ -42,6 +51,7 @@ class Models:
         self.base = prepare_base(cfg.model.path, cfg.model.cache_dir, cfg.model.dtype)
         self.tokenizer = load_tokenizer(self.base)
         self.model = load_for_inference(self.base.path)
+        self.guides = Guides(self.tokenizer)
         self._registry = None
 
     @contextlib.contextmanager
@@ -69,10 +79,12 @@ class Models:
         self.model.set_adapter(ref)
         yield self.model
 
-    def answer(self, ref: str | None, prompts: list[list[dict]], max_new_tokens: int,
-               batch_size: int) -> list[Generated]:
+    def answer(self, ref: str | None, prompts: list[list[dict]], max_new_tokens: int, batch_size: int,
+               formats: list[dict] | None = None) -> list[Generated]:
+        """Greedy answers; `formats` (a response_format per prompt) constrain their decoding."""
+        guides = [self.guides.guide(response_regex(f)) for f in formats] if formats else None
         with self.use(ref) as model:
-            return generate_replies(model, self.tokenizer, prompts, max_new_tokens, batch_size)
+            return generate_replies(model, self.tokenizer, prompts, max_new_tokens, batch_size, guides)
 
 
 @dataclass
@@ -97,10 +109,11 @@ class Matrix:
 
 def ask(models: Models, cfg, arm: str, questions: list[dict], passages: list[list[dict]]) -> list[Generated]:
     """One arm's answers; an arm without RAG gets the same instructions and no passages."""
-    ref, rag = parse_arm(arm, cfg.evaluate.adapter)
-    prompts = [rag_messages(q["question"], [p["text"] for p in ps] if rag else [])
-               for q, ps in zip(questions, passages)]
-    return models.answer(ref, prompts, cfg.evaluate.max_new_tokens, cfg.evaluate.batch_size)
+    ref, rag, guided = parse_arm(arm, cfg.evaluate.adapter)
+    given = [ps if rag else [] for ps in passages]
+    prompts = [rag_messages(q["question"], [p["text"] for p in ps]) for q, ps in zip(questions, given)]
+    formats = [answer_format(len(ps)) for ps in given] if guided else None
+    return models.answer(ref, prompts, cfg.evaluate.max_new_tokens, cfg.evaluate.batch_size, formats)
 
 
 def summary(scores: list[dict], generated: list[Generated], questions: list[dict], kinds: list[str]) -> dict:
@@ -115,7 +128,7 @@ def run_matrix(cfg, arms: list[str], models: Models | None = None) -> Matrix:
     """Each arm answers `evaluate.max_questions` questions of `evaluate.split` in `evaluate.qa`, scored per arm,
     compared pairwise with bootstrap intervals and summed up in a verdict. A bad arm fails before anything loads."""
     e = cfg.evaluate
-    rag = {arm: parse_arm(arm, e.adapter)[1] for arm in arms}
+    rag = {arm: parse_arm(arm, e.adapter).rag for arm in arms}
     questions = pick(load_qa(e.qa, e.split), e.max_questions)
     if not questions:
         raise ConfigError(f"{e.qa} has no questions in split {e.split!r}")

@@ -98,6 +98,12 @@ class EvalConfig:
     k: int = 10  # documents kept per query
     max_queries: int = 0  # 0: every query with qrels; else the first N
     batch_size: int = 256  # queries per search call
+    # choose search.fusion on a dev split (dev_fraction of the queries, by a hash of their ids) among the candidates
+    # below, by nDCG@10; every mode is then scored on the other queries only, with significance tests
+    tune_fusion: bool = False
+    dev_fraction: float = 0.5
+    dense_weights: list = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)])  # weighted candidates
+    rrf_ks: list = field(default_factory=lambda: [10, 30, 60, 100])  # rrf candidates
     output: str = "${workdir}/eval-retrieval.json"  # the report (JSON); a sweep writes beside it
 
 
@@ -121,12 +127,26 @@ class EvaluateConfig:
 
 
 @dataclass
+class FusionConfig:
+    """How hybrid search merges its dense and BM25 lists, with Milvus's own rankers. Tune it on a dev split:
+    python -m jobs.eval_retrieval eval.dataset=DIR eval.tune_fusion=true"""
+    # rrf: reciprocal rank fusion (ranks only; the best on the QA set's whole questions) | weighted: a blend of the
+    # two lists' normalized scores (the best on the BEIR sets, with a weight tuned per set)
+    method: str = "rrf"
+    rrf_k: int = 60  # rrf: reciprocal rank fusion's k
+    dense_weight: float = 0.5  # weighted: the dense list's weight; BM25's is 1 - dense_weight
+
+
+@dataclass
 class SearchConfig:
     query: Optional[str] = None  # the question (jobs.search)
     mode: str = "hybrid"  # dense | bm25 | hybrid
     k: int = 5  # chunks returned
     filter: str = ""  # a Milvus expression, e.g. meta["topic"] == "Arts"
-    rrf_k: int = 60  # hybrid fusion: reciprocal rank fusion's k, for every search (jobs, eval, serving)
+    fusion: FusionConfig = field(default_factory=FusionConfig)  # hybrid's, for every search (jobs, eval, serving)
+    # collection -> its own fusion (FusionConfig keys over search.fusion), where its queries favour one list
+    # (paraphrases: dense; names and years: BM25): +search.collection_fusion.faq={dense_weight: 1.0}
+    collection_fusion: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -258,6 +278,9 @@ class RouteConfig:
     canary: Optional[str] = None  # a version or alias overriding the registry's `canary` alias
     canary_weight: Optional[float] = None  # share of users on the canary; null: the registry's, else 0.1
     rag: bool = False  # retrieve passages and answer from them in the numbered-context JSON shape
+    # decode every answer to that JSON shape (constrained decoding; sources only among the passages retrieved)
+    # unless the caller sets a response_format: the format without fine-tuning for it
+    guided: bool = False
     collection: Optional[str] = None  # null: store.collection
     k: int = 3
     mode: str = "hybrid"  # dense | bm25 | hybrid
@@ -440,6 +463,17 @@ def load_config(name: str, overrides: list[str] | None = None) -> DictConfig:
     OmegaConf.resolve(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def fusion_for(cfg, collection: str) -> DictConfig:
+    """The collection's fusion: search.collection_fusion's entry over search.fusion, checked against FusionConfig."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    own = cfg.search.collection_fusion.get(collection)
+    try:
+        return OmegaConf.merge(OmegaConf.structured(FusionConfig), cfg.search.fusion, own or {})
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"search.collection_fusion.{collection}: {str(e).splitlines()[0]}") from None
 
 
 def route_config(raw) -> DictConfig:

@@ -23,6 +23,8 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
+from tandem.structured import mask_logits
+
 logger = logging.getLogger(__name__)
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
@@ -236,15 +238,7 @@ class Engine:
 
         guided = [(i, r.completion.guide) for i, r in enumerate(rows)
                   if r.completion.guide is not None and r.finish is None and not r.cancelled]
-        if guided:  # only the tokens each guide allows: its bitmask (32 tokens a word), unpacked
-            vocab = logits.shape[1]
-            words = torch.zeros(len(guided), (vocab + 31) // 32, dtype=torch.int32)
-            for row, (_, guide) in enumerate(guided):
-                guide.write_mask_into(words[row].data_ptr(), words.shape[1], words.element_size())
-            bits = (words.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
-            allowed = bits.flatten(1)[:, :vocab].bool().to(logits.device)
-            index = torch.tensor([i for i, _ in guided], device=logits.device)
-            logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+        mask_logits(logits, guided)
         tokens = logits.argmax(dim=-1)
         for i, row in enumerate(rows):
             c = row.completion

@@ -1,14 +1,17 @@
-"""Evaluation: retrieval on BEIR-format data (recall@k, MRR@10, nDCG@10 at document level), and model checks
-(perplexity on general text, for retention)."""
+"""Evaluation: retrieval on BEIR-format data (recall@k, MRR@10, nDCG@10 at document level, with ranx's metrics and
+significance tests), and model checks (perplexity on general text, for retention)."""
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 from pathlib import Path
 
 from tandem.errors import ConfigError
+
+METRICS = ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10")
 
 
 def load_beir(root: str | Path, split: str = "test") -> tuple[Path, dict[str, str], dict[str, dict[str, int]]]:
@@ -37,18 +40,50 @@ def dedupe_docs(doc_ids: list[str]) -> list[str]:
     return list(dict.fromkeys(doc_ids))
 
 
-def retrieval_metrics(ranked: dict[str, list[str]], qrels: dict[str, dict[str, int]], ks=(1, 5, 10)) -> dict:
-    totals = {f"recall@{k}": 0.0 for k in ks} | {"mrr@10": 0.0, "ndcg@10": 0.0}
-    for qid, rel in qrels.items():
-        docs = ranked.get(qid, [])
-        for k in ks:
-            totals[f"recall@{k}"] += len(set(docs[:k]) & set(rel)) / len(rel)
-        totals["mrr@10"] += next((1.0 / (i + 1) for i, d in enumerate(docs[:10]) if d in rel), 0.0)
-        dcg = sum(rel.get(d, 0) / math.log2(i + 2) for i, d in enumerate(docs[:10]))
-        ideal = sum(g / math.log2(i + 2) for i, g in enumerate(sorted(rel.values(), reverse=True)[:10]))
-        totals["ndcg@10"] += dcg / ideal if ideal else 0.0
-    n = max(len(qrels), 1)
-    return {k: round(v / n, 4) for k, v in totals.items()}
+def ranked_documents(retriever, queries: dict[str, str], mode: str, k: int, batch_size: int) -> dict[str, list[str]]:
+    """Query id -> its top-k documents, best first: chunks searched 3k deep, each document kept at its best rank."""
+    qids, ranked = list(queries), {}
+    for i in range(0, len(qids), batch_size):
+        batch = qids[i : i + batch_size]
+        hits = retriever.search([queries[q] for q in batch], k=3 * k, mode=mode)
+        ranked.update({q: dedupe_docs([h.doc_id for h in hs])[:k] for q, hs in zip(batch, hits)})
+    return ranked
+
+
+def _run(ranked: dict[str, list[str]], name: str):
+    from ranx import Run
+
+    # ranx ranks by score: a rank's reciprocal keeps the order; queries with no documents are left to make_comparable
+    return Run({q: {d: 1.0 / (i + 1) for i, d in enumerate(docs)} for q, docs in ranked.items() if docs}, name=name)
+
+
+def retrieval_metrics(ranked: dict[str, list[str]], qrels: dict[str, dict[str, int]], metrics=METRICS) -> dict:
+    """ranx's metrics over the queries in `qrels`; a query missing from `ranked` scores 0."""
+    from ranx import Qrels, evaluate
+
+    scores = evaluate(Qrels(qrels), _run(ranked, "run"), list(metrics), make_comparable=True)
+    return {m: round(float(scores[m]), 4) for m in metrics}
+
+
+def significance(ranked: dict[str, dict[str, list[str]]], qrels: dict[str, dict[str, int]], metrics=METRICS,
+                 max_p: float = 0.05) -> dict:
+    """ranx's paired Fisher randomization test between every two runs: run -> other -> metric -> p-value, so a
+    difference is claimed only where p < max_p."""
+    from ranx import Qrels, compare
+
+    report = compare(Qrels(qrels), [_run(r, name) for name, r in ranked.items()], list(metrics),
+                     stat_test="fisher", max_p=max_p, make_comparable=True).to_dict()
+    return {name: {other: {m: round(float(p), 4) for m, p in ps.items()}
+                   for other, ps in report[name]["comparisons"].items()} for name in ranked}
+
+
+def split_dev(qids: list[str], fraction: float) -> tuple[list[str], list[str]]:
+    """(dev, test): a query is in dev when its id's hash falls under `fraction`, so the split never moves when
+    queries are added or reordered."""
+    if not 0.0 < fraction < 1.0:
+        raise ConfigError(f"eval.dev_fraction must be within (0, 1), got {fraction}")
+    dev = {q for q in qids if int(hashlib.sha256(q.encode()).hexdigest()[:8], 16) < fraction * 2**32}
+    return [q for q in qids if q in dev], [q for q in qids if q not in dev]
 
 
 def perplexity(model, tokenizer, texts: list[str], max_length: int = 256) -> float:

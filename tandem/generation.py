@@ -17,9 +17,13 @@ class Generated:
 
 
 def generate_replies(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 96,
-                     batch_size: int = 8) -> list[Generated]:
-    """Greedy answers to chat conversations, in batches, with their token counts and time."""
+                     batch_size: int = 8, guides: list | None = None) -> list[Generated]:
+    """Greedy answers to chat conversations, in batches, with their token counts and time; `guides` (one
+    outlines-core guide or None per conversation, tandem/structured.py) constrain what each answer may be."""
     import torch
+    from transformers import LogitsProcessorList
+
+    from tandem.structured import GuidedLogits
 
     tokenizer.padding_side = "left"  # generation continues at the right edge of every row
     if tokenizer.pad_token_id is None:
@@ -29,10 +33,13 @@ def generate_replies(model, tokenizer, conversations: list[list[dict]], max_new_
     for i in range(0, len(prompts), batch_size):
         batch = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True,
                           add_special_tokens=False).to(model.device)
+        constrain = LogitsProcessorList([GuidedLogits(guides[i : i + batch_size], batch["input_ids"].shape[1],
+                                                      {tokenizer.eos_token_id, tokenizer.pad_token_id})]) \
+            if guides else None
         started = time.perf_counter()
         with torch.no_grad():
             out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
+                                 pad_token_id=tokenizer.pad_token_id, logits_processor=constrain)
         latency = (time.perf_counter() - started) * 1000
         new = out[:, batch["input_ids"].shape[1] :]
         for row, prompt_len, text in zip(new, batch["attention_mask"].sum(dim=1).tolist(),

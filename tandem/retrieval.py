@@ -1,15 +1,19 @@
-"""The one retriever used by jobs and serving: dense, BM25 or hybrid (dense + BM25 fused by RRF) over Milvus."""
+"""The one retriever used by jobs and serving: dense, BM25 or hybrid (dense + BM25 fused by Milvus's weighted or RRF
+ranker) over Milvus."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 
-from pymilvus import AnnSearchRequest, MilvusClient, RRFRanker
+from pymilvus import AnnSearchRequest, MilvusClient, RRFRanker, WeightedRanker
 
+from tandem.config import fusion_for
+from tandem.errors import ConfigError
 from tandem.milvus import has_bm25
 
 MODES = ("dense", "bm25", "hybrid")
+FUSIONS = ("weighted", "rrf")
 OUTPUT_FIELDS = ["doc_id", "source", "title", "chunk_no", "text", "meta"]
 
 
@@ -32,19 +36,20 @@ class Retriever:
     `meta["key"]`). BM25 and hybrid need a collection made with a BM25 field (Milvus >= 2.5 or Milvus Lite).
     """
 
-    def __init__(self, client: MilvusClient, collection: str, embed, search_params: dict, rrf_k: int):
+    def __init__(self, client: MilvusClient, collection: str, embed, search_params: dict, fusion):
         self.client = client
         self.collection = collection
         self.embed = embed
         self.search_params = {"metric_type": "COSINE", "params": dict(search_params)}
-        self.rrf_k = rrf_k
+        self.ranker = ranker(fusion)
         self.bm25 = has_bm25(client, collection)
         client.load_collection(collection)  # a collection reopened from disk starts released
 
     @classmethod
     def from_config(cls, client: MilvusClient, collection: str, embed, cfg) -> "Retriever":
-        """Search-time settings from the config (store.search_params, search.rrf_k), the same for every caller."""
-        return cls(client, collection, embed, dict(cfg.store.search_params), cfg.search.rrf_k)
+        """Search-time settings from the config (store.search_params, the collection's fusion or search.fusion), the
+        same for every caller."""
+        return cls(client, collection, embed, dict(cfg.store.search_params), fusion_for(cfg, collection))
 
     def search(self, queries: list[str], k: int = 5, mode: str = "dense", filter: str = "") -> list[list[Hit]]:
         """Top-k chunks for each query, best first."""
@@ -70,16 +75,24 @@ class Retriever:
         return [[_hit(h) for h in hits] for hits in results]
 
     def _hybrid(self, queries: list[str], vectors: list[list[float]], k: int, filter: str):
-        # One request per query: RRF fuses each query's two ranked lists; candidates are widened before fusion.
-        out = []
-        for text, vector in zip(queries, vectors):
-            reqs = [
-                AnnSearchRequest([vector], "dense", self.search_params, limit=2 * k, expr=filter or None),
-                AnnSearchRequest([text], "sparse", {"metric_type": "BM25"}, limit=2 * k, expr=filter or None),
-            ]
-            out.extend(self.client.hybrid_search(self.collection, reqs, RRFRanker(self.rrf_k), limit=k,
-                                                 output_fields=OUTPUT_FIELDS))
-        return out
+        # All queries in one request; each list is widened to 2k candidates before the ranker fuses them.
+        reqs = [AnnSearchRequest(vectors, "dense", self.search_params, limit=2 * k, expr=filter or None),
+                AnnSearchRequest(list(queries), "sparse", {"metric_type": "BM25"}, limit=2 * k, expr=filter or None)]
+        return self.client.hybrid_search(self.collection, reqs, self.ranker, limit=k, output_fields=OUTPUT_FIELDS)
+
+
+def ranker(fusion):
+    """Milvus's ranker for `search.fusion`. Weighted normalizes each list's scores (cosine and BM25 have different
+    scales) before blending them; RRF uses ranks only, so a weak list counts as much as a strong one."""
+    if fusion.method == "rrf":
+        if fusion.rrf_k <= 0:
+            raise ConfigError(f"search.fusion.rrf_k must be > 0, got {fusion.rrf_k}")
+        return RRFRanker(fusion.rrf_k)
+    if fusion.method == "weighted":
+        if not 0.0 <= fusion.dense_weight <= 1.0:
+            raise ConfigError(f"search.fusion.dense_weight must be within [0, 1], got {fusion.dense_weight}")
+        return WeightedRanker(float(fusion.dense_weight), 1.0 - float(fusion.dense_weight))
+    raise ConfigError(f"search.fusion.method must be one of {', '.join(FUSIONS)}, got {fusion.method!r}")
 
 
 def _hit(h: dict) -> Hit:

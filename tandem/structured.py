@@ -52,6 +52,39 @@ def response_regex(response_format: dict | None) -> str | None:
     return regex
 
 
+def mask_logits(logits, guided: list[tuple[int, object]]) -> None:
+    """In place: each guided row's logits keep only the tokens its guide allows next. (row index, guide) pairs; the
+    guides' bitmasks (32 tokens a word) are unpacked for all rows in one tensor op."""
+    import torch
+
+    if not guided:
+        return
+    vocab = logits.shape[1]
+    words = torch.zeros(len(guided), (vocab + 31) // 32, dtype=torch.int32)
+    for row, (_, guide) in enumerate(guided):
+        guide.write_mask_into(words[row].data_ptr(), words.shape[1], words.element_size())
+    bits = (words.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
+    allowed = bits.flatten(1)[:, :vocab].bool().to(logits.device)
+    index = torch.tensor([i for i, _ in guided], device=logits.device)
+    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+
+
+class GuidedLogits:
+    """The same guides as a transformers logits processor, for `generate` (offline evaluation): one guide (or None)
+    per row of the batch, advanced by the token each row chose at the previous step."""
+
+    def __init__(self, guides: list, prompt_length: int, eos_ids: set[int]):
+        self.guides, self.prompt_length, self.eos_ids = guides, prompt_length, eos_ids
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] > self.prompt_length:
+            for guide, token in zip(self.guides, input_ids[:, -1].tolist()):
+                if guide is not None and token not in self.eos_ids and not guide.is_finished():
+                    guide.advance(token, return_tokens=False)
+        mask_logits(scores, [(i, g) for i, g in enumerate(self.guides) if g is not None])
+        return scores
+
+
 class Guides:
     """Per-tokenizer vocabulary and a cache of compiled indexes; `guide(regex)` is a fresh guide for one request."""
 

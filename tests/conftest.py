@@ -95,8 +95,9 @@ def wiki_index(ray_cluster, milvus_server, tmp_path_factory, wiki_rows) -> dict:
 def serve_cfg(ray_cluster, milvus_server, wiki_index, workdir, tmp_path_factory):
     """The Serve app's config. Route `assistant`: RAG with adapter `demo` (production 1, canary 2 at 50%, 3 only
     pinned). Route `ro`, adapter `ro`, for rollouts: 1 production, 2 a healthy candidate, 3 corrupt (its weights no
-    longer match their checksum, so every request for it fails). Route `fresh`: RAG whose adapter has no version yet.
-    Rollout steps are short for tests."""
+    longer match their checksum, so every request for it fails). Route `fresh`: RAG whose adapter has no version
+    yet. Route `guided`: RAG with the base model alone, its answers held to the answer's JSON shape by constrained
+    decoding. Rollout steps are short for tests."""
     from random_adapters import random_adapters
     from tandem.config import load_config
     from tandem.milvus import free_port
@@ -109,6 +110,7 @@ def serve_cfg(ray_cluster, milvus_server, wiki_index, workdir, tmp_path_factory)
                  "serve.llm.max_context=1024", "serve.llm.num_cpus=0.5", "serve.retriever.num_cpus=0.25",
                  "+serve.routes.ro={adapter: ro}",
                  "+serve.routes.fresh={adapter: fresh, rag: true, collection: wiki, k: 2}",
+                 "+serve.routes.guided={adapter: null, rag: true, guided: true, collection: wiki, k: 2}",
                  "serve.refresh_s=0.5", "rollout.interval_s=0.5",
                  "rollout.min_requests=4", "rollout.min_seconds=1", "rollout.steps=[0.5,1.0]",
                  "rollout.auto_promote=true"]  # test_rollout watches a healthy canary promote itself

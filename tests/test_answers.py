@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 
+import pytest
+
 from tandem.answers import Reply, compare, score_answer, summarize
 from tandem.datasets import split_of, wiki_qa, wiki_source
+from tandem.prompts import parse_rag_answer
 
 PASSAGES = [{"doc_id": "Kubrick", "text": "Stanley Kubrick was an American filmmaker."},
             {"doc_id": "2001", "text": "2001: A Space Odyssey is a 1968 film directed by Stanley Kubrick."}]
@@ -29,6 +32,18 @@ def test_answer_metrics():
     assert score_answer(abstain, [], [], PASSAGES) == {"valid": 1.0, "answerable": False, "abstained": 1.0}
     assert score_answer(Reply.parse('{"answer": "Paris", "sources": [1]}'), [], [], PASSAGES)["abstained"] == 0.0
     assert summarize([right, wrong])["contains"] == {"mean": 0.5, "n": 2}
+
+
+def test_arms_name_a_model_then_optional_rag_and_guided_decoding():
+    from tandem.arms import Arm, parse_arm
+    from tandem.errors import ConfigError
+
+    assert parse_arm("base+rag+guided", None) == Arm(None, True, True)
+    assert parse_arm("tuned+rag", "grounded_qa@2") == Arm("grounded_qa@2", True, False)
+    assert parse_arm("x@3+guided", None) == Arm("x@3", False, True)
+    for bad in ("base+rag+rag", "base+json", "tuned", "gpt"):
+        with pytest.raises(ConfigError, match="arm"):
+            parse_arm(bad, None)
 
 
 def test_paired_bootstrap_claims_only_real_differences():
@@ -75,20 +90,24 @@ def test_decision_matrix_on_held_out_questions_and_fresh_facts(ray_cluster, milv
     out = tmp_path / "report.json"
     report = evaluate_main([f"evaluate.qa={small_qa}", f"store.uri={milvus_server}", "adapter=demo@1",
                             "evaluate.collection=qa_small", "evaluate.max_questions=8", "evaluate.max_new_tokens=16",
-                            "evaluate.arms=[base,base+rag,tuned+rag]", "evaluate.bootstrap=200",
+                            "evaluate.arms=[base,base+rag,base+rag+guided,tuned+rag]", "evaluate.bootstrap=200",
                             "evaluate.freshness=3", f"evaluate.output={out}",
                             "embedder.num_cpus=0.5"])  # fits beside a running app
-    assert report["questions"] == 8 and set(report["arms"]) == {"base", "base+rag", "tuned+rag"}
+    assert report["questions"] == 8 and set(report["arms"]) == {"base", "base+rag", "base+rag+guided", "tuned+rag"}
     rag = report["arms"]["base+rag"]["all"]
     assert rag["retrieved_gold"]["mean"] >= 0.5  # whole questions find their article
     assert "retrieved_gold" not in report["arms"]["base"]["all"]  # no retrieval, no passages to cite
     assert all(0 <= v["mean"] <= 1 for s in report["arms"].values() for v in s["all"].values())
     assert {c["metric"] for c in report["comparisons"]} >= {"contains", "valid"}
     assert report["verdict"] and all(s["latency_ms"] > 0 for s in report["arms"].values())
-    answers = out.with_suffix(".answers.jsonl").read_text().splitlines()
-    assert len(answers) == 3 * 8
-    questions = {json.loads(a)["id"] for a in answers}
-    assert len(questions) == 8
+    answers = [json.loads(a) for a in out.with_suffix(".answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 4 * 8 and len({a["id"] for a in answers}) == 8
+    # constrained decoding: every guided answer that ended before max_tokens has the answer's shape, citing only
+    # passages it was given; the free base answers it is compared with do not
+    guided = [a for a in answers if a["arm"] == "base+rag+guided"]
+    ended = [parse_rag_answer(a["reply"]) for a in guided if a["completion_tokens"] < 16]
+    assert ended and all(r is not None and set(r["sources"]) <= {1, 2, 3} for r in ended), guided
+    assert any(c["step"] == "constrained decoding" and c["metric"] == "valid" for c in report["comparisons"])
     runs = Registry.from_config(serve_cfg).client.search_runs(
         [Registry.from_config(serve_cfg).experiment_id], "tags.kind = 'evaluation'")
     assert runs and "base_rag.contains" in runs[0].data.metrics
@@ -99,7 +118,7 @@ def test_decision_matrix_on_held_out_questions_and_fresh_facts(ray_cluster, milv
     assert fresh["questions"] == 3 and fresh["retrieved_new"] >= 2 / 3, fresh
     assert fresh["arms"]["base"]["new"] == 0, fresh  # without retrieval, a fact changed today cannot be known
     assert all(0 <= s[k] <= 1 for s in fresh["arms"].values() for k in ("new", "old"))
-    assert all(set(c["replies"]) == {"base", "base+rag", "tuned+rag"} for c in fresh["changes"])
+    assert all(set(c["replies"]) == {"base", "base+rag", "base+rag+guided", "tuned+rag"} for c in fresh["changes"])
     users = MilvusClient(uri=milvus_server)
     try:  # the collection users query keeps the real facts
         change = fresh["changes"][0]

@@ -55,28 +55,31 @@ def test_cfg_job_prints_the_resolved_config():
     with pytest.raises(Shown) as shown:
         main(["search.k=7", "--cfg", "job", "store.collection=faq"])
     cfg = yaml.safe_load(shown.value.text)
-    assert cfg["search"]["k"] == 7 and cfg["store"]["collection"] == "faq" and cfg["search"]["rrf_k"] == 60
+    assert cfg["search"]["k"] == 7 and cfg["store"]["collection"] == "faq"
+    assert cfg["search"]["fusion"]["method"] == "rrf"
 
 
 def test_sweep_over_search_time_keys(ray_cluster, milvus_server, tmp_path):
-    """-m: one index, one report per combination of k and RRF's k, and a summary table of them all."""
+    """-m: one index, one report per combination of k and RRF's k, and a summary table of them all; keys set without
+    a sweep (the fusion method) apply to every run and are not listed as swept."""
     from jobs.eval_retrieval import main as eval_main
     from tandem.errors import ConfigError
 
     out = tmp_path / "eval.json"
     sweep = eval_main(["-m", f"eval.dataset={DATA / 'python_faq'}", f"store.uri={milvus_server}",
                        "store.collection=faq", f"eval.output={out}", "eval.max_queries=40", "eval.modes=[hybrid]",
-                       "eval.k=5,10", "search.rrf_k=1,60"])
-    assert [r["overrides"] for r in sweep["runs"]] == [["eval.k=5", "search.rrf_k=1"], ["eval.k=5", "search.rrf_k=60"],
-                                                       ["eval.k=10", "search.rrf_k=1"],
-                                                       ["eval.k=10", "search.rrf_k=60"]]
+                       "eval.k=5,10", "search.fusion.method=rrf", "search.fusion.rrf_k=1,60"])
+    assert [r["overrides"] for r in sweep["runs"]] == [["eval.k=5", "search.fusion.rrf_k=1"],
+                                                       ["eval.k=5", "search.fusion.rrf_k=60"],
+                                                       ["eval.k=10", "search.fusion.rrf_k=1"],
+                                                       ["eval.k=10", "search.fusion.rrf_k=60"]]
     files = sorted((tmp_path / "eval-sweep").glob("0*.json"))
-    assert len(files) == 4 and json.loads(files[3].read_text())["overrides"] == ["eval.k=10", "search.rrf_k=60"]
+    assert len(files) == 4 and json.loads(files[3].read_text())["overrides"] == ["eval.k=10", "search.fusion.rrf_k=60"]
     hybrid = [r["metrics"]["hybrid"] for r in sweep["runs"]]
     assert hybrid[0]["recall@5"] == hybrid[2]["recall@5"]  # k=10 keeps the top 5 of the same ranking
     assert hybrid[0] != hybrid[1]  # RRF's k changes the fused ranking
     summary = json.loads((tmp_path / "eval-sweep" / "summary.json").read_text())
-    assert len(summary["table"].splitlines()) == 5 and "search.rrf_k=60" in summary["table"]
+    assert len(summary["table"].splitlines()) == 5 and "search.fusion.rrf_k=60" in summary["table"]
     with pytest.raises(ConfigError, match="cannot sweep chunking.max_tokens"):
         eval_main(["-m", f"eval.dataset={DATA / 'python_faq'}", "chunking.max_tokens=100,200"])
 

@@ -95,6 +95,24 @@ def test_response_format_makes_the_answer_json_its_schema_accepts(client, http):
         assert refused.json()["error"]["code"] == "invalid_response_format"
 
 
+def test_a_guided_route_answers_in_the_rag_shape_without_an_adapter(client):
+    """`guided: true`: the base model, which writes prose when free (route `chat`), answers a RAG route in the
+    trained JSON shape, citing only the passages it was given; a caller's own response_format still wins."""
+    import json
+
+    from tandem.prompts import parse_rag_answer
+
+    asked = [{"role": "user", "content": QUESTION}]
+    reply = client.chat.completions.create(model="guided", messages=asked, max_tokens=48)
+    answer = parse_rag_answer(reply.choices[0].message.content)
+    assert answer is not None and set(answer["sources"]) <= {1, 2}, reply.choices[0].message.content
+    assert reply.choices[0].finish_reason == "stop" and len(reply.model_extra["sources"]) == 2
+    own = client.chat.completions.create(model="guided", messages=asked, max_tokens=48, response_format={
+        "type": "json_schema", "json_schema": {"name": "t", "schema": {
+            "type": "object", "properties": {"title": {"type": "string", "maxLength": 30}}, "required": ["title"]}}})
+    assert set(json.loads(own.choices[0].message.content)) == {"title"}
+
+
 def test_streaming_matches_the_whole_answer(client):
     whole = client.chat.completions.create(model="assistant@1", messages=[{"role": "user", "content": QUESTION}])
     chunks = list(client.chat.completions.create(model="assistant@1", stream=True,

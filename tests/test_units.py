@@ -15,7 +15,7 @@ from tandem.config import load_config
 from tandem.documents import parse_file
 from tandem.embedding import embedding_dim, resolve_model_path
 from tandem.errors import ConfigError
-from tandem.evaluation import retrieval_metrics
+from tandem.evaluation import retrieval_metrics, significance, split_dev
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +83,20 @@ def test_retrieval_metrics():
     m = retrieval_metrics({"q1": ["a", "x"], "q2": ["x", "y", "b"]}, qrels)
     assert m["recall@1"] == 0.5 and m["recall@5"] == 1.0
     assert m["mrr@10"] == pytest.approx((1 + 1 / 3) / 2, abs=1e-4)
+    assert retrieval_metrics({"q1": ["a"]}, qrels)["recall@10"] == 0.5  # a query with no results scores 0
+
+
+def test_dev_split_is_stable_and_significance_sees_a_real_difference():
+    qids = [f"q{i}" for i in range(200)]
+    dev, test = split_dev(qids, 0.5)
+    assert 70 < len(dev) < 130 and sorted(dev + test) == sorted(qids)
+    assert split_dev(list(reversed(qids)) + ["new"], 0.5)[0] == [q for q in reversed(qids) if q in dev] + \
+        (["new"] if "new" in split_dev(["new"], 0.5)[0] else [])
+    qrels = {q: {f"{q}-doc": 1} for q in qids}
+    good = {q: [f"{q}-doc", "x"] for q in qids}
+    bad = {q: ["x", f"{q}-doc"] if i % 4 else [f"{q}-doc"] for i, q in enumerate(qids)}
+    p = significance({"good": good, "bad": bad, "same": dict(good)}, qrels, metrics=("ndcg@10",))
+    assert p["good"]["bad"]["ndcg@10"] < 0.01 and p["good"]["same"]["ndcg@10"] == 1.0
 
 
 def test_grounded_rows_cite_the_passage_that_states_the_answer_or_abstain():
@@ -235,3 +249,21 @@ def test_schedule_settings_are_checked_before_workers_start():
     assert [recipe._track_best(x) for x in (3.0, 2.5, 2.6, 2.5, 2.4, 2.7, 2.8)] == \
         [False, False, False, True, False, False, True]  # two evaluations in a row without a new best: stop
     assert recipe.progress.best_eval_loss == 2.4
+
+
+def test_fusion_is_per_collection_over_the_default_and_checked():
+    from tandem.config import fusion_for, load_config
+    from tandem.errors import ConfigError
+    from tandem.retrieval import ranker
+
+    cfg = load_config("search", ["search.fusion.dense_weight=0.2", "+search.collection_fusion.faq={dense_weight: 1.0}",
+                                 "+search.collection_fusion.old={method: rrf, rrf_k: 20}",
+                                 "+search.collection_fusion.typo={weight: 1.0}"])
+    assert fusion_for(cfg, "wiki").dense_weight == 0.2 and fusion_for(cfg, "faq").dense_weight == 1.0
+    assert ranker(fusion_for(cfg, "faq")).dict()["params"]["weights"] == [1.0, 0.0]
+    assert ranker(fusion_for(cfg, "old")).dict() == {"strategy": "rrf", "params": {"k": 20}}
+    with pytest.raises(ConfigError, match="collection_fusion.typo: Key 'weight' not in"):
+        fusion_for(cfg, "typo")
+    for bad, words in ((["search.fusion.dense_weight=1.5"], "within"), (["search.fusion.method=max"], "one of")):
+        with pytest.raises(ConfigError, match=words):
+            ranker(fusion_for(load_config("search", bad), "wiki"))

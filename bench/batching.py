@@ -12,7 +12,7 @@ differs:
 Per arm: useful tokens/s (each request's own max_tokens, over the time from the first arrival to the last answer),
 time to first token (p50, p99) and end-to-end latency. Goals: tokens/s >= 1.5x static, p99 TTFT <= 0.5x static.
 
-    python bench/batching.py [--requests 40] [--rate 0.35] [--seed 0]
+    python bench/batching.py [--requests 40] [--rate 0.35] [--seed 0] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -107,7 +107,8 @@ class Static:
                                                           add_generation_prompt=True, tokenize=False)
                        for r, _, _ in batch]
             self.tokenizer.padding_side = "left"
-            inputs = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+            inputs = self.tokenizer(prompts, return_tensors="pt", padding=True,
+                                    add_special_tokens=False).to(self.model.device)
             longest = max(r["max_tokens"] for r, _, _ in batch)
 
             def first_step(input_ids, scores, batch=batch):
@@ -138,6 +139,7 @@ def main() -> dict:
     ap.add_argument("--rate", type=float, default=0.35, help="mean arrivals per second")
     ap.add_argument("--width", type=int, default=8, help="rows per batch, both arms")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     import torch
 
@@ -145,7 +147,7 @@ def main() -> dict:
     from tandem.gathered_lora import GatheredLoRA
 
     torch.set_num_threads(2)
-    model, tokenizer = model_with_adapters(4)
+    model, tokenizer = model_with_adapters(4, args.device)
     gathered = GatheredLoRA(model)
     engine = Engine(lambda: model, tokenizer, args.width, 4, gathered=lambda: gathered)
     static = Static(model, tokenizer, gathered, args.width)
@@ -159,6 +161,7 @@ def main() -> dict:
         print(name, arms[name], flush=True)
     s, c = arms["static"], arms["continuous"]
     result = {"requests": args.requests, "rate_per_s": args.rate, "width": args.width, "seed": args.seed,
+              "device": args.device,
               "max_tokens": [8, 128], "adapters": ADAPTERS, "arms": arms,
               "continuous_vs_static": {"tokens_per_s": round(c["tokens_per_s"] / s["tokens_per_s"], 2),
                                        "ttft_p99": round(c["ttft_p99_s"] / s["ttft_p99_s"], 2),

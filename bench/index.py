@@ -1,7 +1,9 @@
 """Indexing throughput: the Ray Data pipeline (files -> flushed Milvus rows) vs raw SentenceTransformer.encode on the
 same chunks and cores, and a re-index of the unchanged corpus vs the first index. One run, ratios printed.
 
-    python bench/index.py [--docs 3000] [--workdir .tandem/bench]
+    python bench/index.py [--docs 3000] [--workdir .tandem/bench] [key=value ...]
+
+key=value overrides go to both the raw encoder and the pipeline (e.g. embedder.num_gpus=1 on a GPU machine).
 """
 
 from __future__ import annotations
@@ -30,10 +32,11 @@ def main() -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--docs", type=int, default=3000)
     ap.add_argument("--workdir", default=".tandem/bench")
+    ap.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = ap.parse_args()
     work = Path(args.workdir).resolve()
     shutil.rmtree(work, ignore_errors=True)
-    cfg = load_config("index", [f"workdir={work}"])
+    cfg = load_config("index", [f"workdir={work}", *args.overrides])
 
     wiki(work / "all")
     lines = (work / "all" / "wiki.jsonl").read_text().splitlines()[: args.docs]
@@ -45,6 +48,7 @@ def main() -> dict:
     chunks = [c for doc in chunker.split_many(texts) for c in doc]
 
     embedder = Embedder.from_config(cfg.embedder)  # same threads as the pipeline's actor
+    embedder_device = str(embedder.model.device)
     embedder.encode(chunks[:64])  # warm-up
     t = time.perf_counter()
     embedder.encode(chunks)
@@ -55,7 +59,7 @@ def main() -> dict:
 
     ray.init(include_dashboard=False)  # one cluster for both runs, as a long-lived cluster serves submitted jobs
 
-    job = [f"workdir={work}", f"corpus.path={work / 'corpus'}", "store.collection=bench"]
+    job = [f"workdir={work}", f"corpus.path={work / 'corpus'}", "store.collection=bench", *args.overrides]
     t = time.perf_counter()
     first = index_main(job)
     first_s = time.perf_counter() - t
@@ -66,6 +70,7 @@ def main() -> dict:
     pipeline_rate = first["chunks_written"] / first_s
     result = {
         "documents": len(lines), "chunks": len(chunks), "torch_threads": cfg.embedder.torch_threads,
+        "device": embedder_device, "overrides": args.overrides,
         "raw_encode_chunks_per_s": round(raw_rate, 1),
         "pipeline_chunks_per_s": round(pipeline_rate, 1),
         "pipeline_vs_raw": round(pipeline_rate / raw_rate, 3),

@@ -5,7 +5,7 @@ A burst of requests (ignore_eos, exactly --max-tokens each) on the demo base wit
 generated tokens/s, the 8-vs-1 ratio per kernel (the issue's goal: >= 0.9x), and gathered vs PEFT. Rounds
 alternate; the median counts.
 
-    python bench/lora_kernel.py [--burst 32] [--max-tokens 24] [--rounds 3]
+    python bench/lora_kernel.py [--burst 32] [--max-tokens 24] [--rounds 3] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tandem.runtime import write_json  # noqa: E402
 
 
-def model_with_adapters(count: int):
+def model_with_adapters(count: int, device: str = "cpu"):
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -34,7 +34,7 @@ def model_with_adapters(count: int):
     base = prepare_base(cfg.model.path, cfg.model.cache_dir, cfg.model.dtype)
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, init_lora_weights=False,
                       target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
-    model = get_peft_model(load_for_inference(base.path, device="cpu"), lora, adapter_name="a0")
+    model = get_peft_model(load_for_inference(base.path, device=device), lora, adapter_name="a0")
     for i in range(1, count):
         model.add_adapter(f"a{i}", lora)
     for i in range(count):
@@ -71,6 +71,7 @@ def main() -> dict:
     ap.add_argument("--burst", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     import torch
 
@@ -78,7 +79,7 @@ def main() -> dict:
     from tandem.gathered_lora import GatheredLoRA
 
     torch.set_num_threads(2)
-    model, tokenizer = model_with_adapters(8)
+    model, tokenizer = model_with_adapters(8, args.device)
     gathered = GatheredLoRA(model)
     engines = {"peft": Engine(lambda: model, tokenizer, 8, 8),
                "gathered": Engine(lambda: model, tokenizer, 8, 8, gathered=lambda: gathered)}
@@ -93,7 +94,7 @@ def main() -> dict:
                 runs[kernel, spread].append(rate)
                 print(kernel, spread, round(rate, 1), "tokens/s", flush=True)
     rate = {f"{k}/{s}": round(statistics.median(v), 1) for (k, s), v in runs.items()}
-    result = {"burst": args.burst, "max_tokens": args.max_tokens, "tokens_per_s": rate,
+    result = {"burst": args.burst, "max_tokens": args.max_tokens, "device": args.device, "tokens_per_s": rate,
               "eight_vs_one": {k: round(rate[f"{k}/eight_adapters"] / rate[f"{k}/one_adapter"], 2) for k in engines},
               "gathered_vs_peft_eight_adapters": round(rate["gathered/eight_adapters"] / rate["peft/eight_adapters"],
                                                        2)}

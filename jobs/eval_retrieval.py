@@ -22,7 +22,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from tandem.commandline import Job, run
-from tandem.config import require
+from tandem.config import RANKING_KEYS, require
 from tandem.embedding import Embedder
 from tandem.errors import ConfigError
 from tandem.evaluation import load_beir, ranked_documents, retrieval_metrics, significance, split_dev
@@ -31,10 +31,10 @@ from tandem.milvus import connect, milvus_endpoint
 from tandem.retrieval import Retriever
 from tandem.runtime import ray_session, write_json
 
-JOB = Job("eval_retrieval", __doc__, ("eval", "search.fusion", "search.collection_fusion", "store", "embedder",
-                                      "chunking", "ray"),
+JOB = Job("eval_retrieval", __doc__, ("eval", *RANKING_KEYS, "store", "embedder", "chunking", "ray"),
           # what changes only how the index is searched, so one index serves every combination
-          sweeps=("eval.modes", "eval.k", "eval.max_queries", "search.fusion", "store.search_params"))
+          sweeps=("eval.modes", "eval.k", "eval.max_queries", "search.fusion", "search.rerank",
+                  "store.search_params"))
 
 
 def index_corpus(cfg, uri: str, corpus: Path) -> dict:

@@ -22,13 +22,12 @@ import sys
 
 from tandem.arms import run_matrix
 from tandem.commandline import Job, run
-from tandem.config import require
+from tandem.config import RANKING_KEYS, require
 from tandem.freshness import check_freshness, freshness_lines
 from tandem.registry import Registry
 from tandem.runtime import write_json
 
-JOB = Job("evaluate", __doc__, ("evaluate", "search.fusion", "search.collection_fusion", "store.uri", "model", "mlflow",
-                                "embedder.model", "ray"),
+JOB = Job("evaluate", __doc__, ("evaluate", *RANKING_KEYS, "store.uri", "model", "mlflow", "embedder.model", "ray"),
           shorthands={"adapter": "evaluate.adapter"})
 COLUMNS = ("contains", "exact", "f1", "valid", "citation_precision", "citation_recall", "grounded", "abstained",
            "retrieved_gold")

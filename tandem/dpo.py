@@ -1,8 +1,8 @@
 """Direct preference optimization (Rafailov et al., 2023) as a loss of its own inside the training recipe.
 
-The frozen reference is the policy with its LoRA adapter switched off (PEFT's `disable_adapter`): the base model,
-so no second copy of the weights is held. A pair's implicit reward margin is how much more the policy, relative to
-the reference, favours the chosen answer over the rejected one; the loss is -log sigmoid(beta * margin).
+The frozen reference is the policy with its LoRA layers switched off (tandem.gathered_lora.adapters_off): the base
+model, so no second copy of the weights is held. A pair's implicit reward margin is how much more the policy,
+relative to the reference, favours the chosen answer over the rejected one; the loss is -log sigmoid(beta * margin).
 """
 
 from __future__ import annotations

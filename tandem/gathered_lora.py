@@ -57,24 +57,39 @@ class GatheredLoRA:
 
     @contextmanager
     def rows(self, adapters: list[str | None]):
-        """PEFT's own adapters are switched off layer by layer, through the flag its forward reads: its
-        `disable_adapter()` walks the whole model for a status report first, about 120 ms a call here, more than a
-        decode step."""
+        """Each row's adapter added by the hooks, PEFT's own switched off."""
         import torch
 
         hooks = []
         if any(adapters):  # the base alone needs nothing added
             slots = torch.tensor([self.slots[a] if a else 0 for a in adapters], device=self.layers[0][1].device)
             hooks = [module.register_forward_hook(_adder(a[slots], b[slots])) for module, a, b in self.layers]
-        for module, _, _ in self.layers:
-            module._disable_adapters = True
         try:
-            yield
+            with adapters_off([module for module, _, _ in self.layers]):
+                yield
         finally:
-            for module, _, _ in self.layers:
-                module._disable_adapters = False
             for hook in hooks:
                 hook.remove()
+
+
+def lora_layers(model) -> list:
+    from peft.tuners.lora.layer import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+@contextmanager
+def adapters_off(layers: list):
+    """PEFT's LoRA layers switched off through the flag their forward reads: PEFT's `disable_adapter()` walks the
+    whole model for a status report first (about 120 ms a call here, more than a decode step) and resets the
+    adapters' requires_grad on the way back."""
+    for module in layers:
+        module._disable_adapters = True
+    try:
+        yield
+    finally:
+        for module in layers:
+            module._disable_adapters = False
 
 
 def _adder(a, b):

@@ -97,13 +97,13 @@ class Retriever:
 def ranker(fusion):
     """Milvus's ranker for `search.fusion`. Weighted normalizes each list's scores (cosine and BM25 have different
     scales) before blending them; RRF uses ranks only, so a weak list counts as much as a strong one."""
+    if fusion.rrf_k <= 0:
+        raise ConfigError(f"search.fusion.rrf_k must be > 0, got {fusion.rrf_k}")
+    if not 0.0 <= fusion.dense_weight <= 1.0:
+        raise ConfigError(f"search.fusion.dense_weight must be within [0, 1], got {fusion.dense_weight}")
     if fusion.method == "rrf":
-        if fusion.rrf_k <= 0:
-            raise ConfigError(f"search.fusion.rrf_k must be > 0, got {fusion.rrf_k}")
         return RRFRanker(fusion.rrf_k)
     if fusion.method == "weighted":
-        if not 0.0 <= fusion.dense_weight <= 1.0:
-            raise ConfigError(f"search.fusion.dense_weight must be within [0, 1], got {fusion.dense_weight}")
         return WeightedRanker(float(fusion.dense_weight), 1.0 - float(fusion.dense_weight))
     raise ConfigError(f"search.fusion.method must be one of {', '.join(FUSIONS)}, got {fusion.method!r}")
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from tandem.config import CONF_DIR, LoraSettings, TrainConfig
 from tandem.data.batches import pack, packed_batch, padded_batch
 from tandem.dpo import dpo_loss, pair_rows, sequence_logps
+from tandem.gathered_lora import adapters_off, lora_layers
 
 DS_TAG = "deepspeed"
 SCHEDULES = ("constant", "linear", "cosine")
@@ -143,6 +144,7 @@ class LoRARecipe:
         self.model = model = load_for_training(self.job.base_path, self.t.quantization, self.device, self.job.lora,
                                                self.t.gradient_checkpointing, init_adapter=self.job.init_adapter,
                                                sharded=self.zero3)
+        self.lora_layers = lora_layers(model)  # switched off for DPO's reference forward
         features = pq.read_table(self.job.features).to_pylist()
         rows = [r for r in features if r["split"] == "train"]
         # the unit of batching: a bin of rows packed into one sequence, or one row
@@ -234,7 +236,7 @@ class LoRARecipe:
         batch = {k: v.to(self.device) for k, v in padded_batch(rows, self.job.pad_id).items()}
         labels = batch.pop("labels")
         policy = sequence_logps(self.engine(**batch, use_cache=False).logits, labels)
-        with torch.no_grad(), self.model.disable_adapter():
+        with torch.no_grad(), adapters_off(self.lora_layers):
             reference = sequence_logps(self.model(**batch, use_cache=False).logits, labels)
         n = len(rows) // 2
         return dpo_loss(policy[:n], policy[n:], reference[:n], reference[n:], self.t.dpo_beta)

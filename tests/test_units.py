@@ -256,10 +256,12 @@ def test_fusion_is_per_collection_over_the_default_and_checked():
     from tandem.errors import ConfigError
     from tandem.retrieval import ranker
 
-    cfg = load_config("search", ["search.fusion.dense_weight=0.2", "+search.collection_fusion.faq={dense_weight: 1.0}",
+    cfg = load_config("search", ["search.fusion.dense_weight=0.2",
+                                 "+search.collection_fusion.faq={method: weighted, dense_weight: 1.0}",
                                  "+search.collection_fusion.old={method: rrf, rrf_k: 20}",
                                  "+search.collection_fusion.typo={weight: 1.0}"])
-    assert fusion_for(cfg, "wiki").dense_weight == 0.2 and fusion_for(cfg, "faq").dense_weight == 1.0
+    assert fusion_for(cfg, "wiki").method == "rrf" and fusion_for(cfg, "wiki").dense_weight == 0.2
+    assert fusion_for(cfg, "faq").dense_weight == 1.0
     assert ranker(fusion_for(cfg, "faq")).dict()["params"]["weights"] == [1.0, 0.0]
     assert ranker(fusion_for(cfg, "old")).dict() == {"strategy": "rrf", "params": {"k": 20}}
     with pytest.raises(ConfigError, match="collection_fusion.typo: Key 'weight' not in"):

@@ -129,6 +129,20 @@ def test_flag_truncate_near_duplicates_and_split_overlap():
     assert count_words(kept[4]["messages"]) == 30
 
 
+@pytest.mark.parametrize("threshold", [0.99, 1.0])
+def test_near_duplicate_thresholds_up_to_one_find_copies_only(threshold):
+    """Thresholds near 1 (the grounded-QA recipe uses 0.99) leave MinHash LSH no banding of its own; copies are
+    still found and rows that differ by a word are kept."""
+    base = "Ray Data streams blocks of rows between operators so that reading, transforming and writing overlap"
+    lines = [chat("Tell me about Ray Data", base), chat("Tell me about Ray Data", base + " nicely"),
+             chat("Tell me about Ray Data!", base)]  # punctuation aside, a copy of line 1
+    result = validate_rows(lines, count_words, max_tokens=100, near_duplicate_threshold=threshold)
+    assert [(r.line, "copy of line 1" in r.reason) for r in result.rejected] == [(3, True)]
+    assert [r["line"] for r in result.rows] == [1, 2]
+    with pytest.raises(ConfigError, match="near_duplicate_threshold"):
+        validate_rows(lines, count_words, max_tokens=100, near_duplicate_threshold=1.5)
+
+
 def test_store_versions_are_immutable_content_addressed_and_resolvable(tmp_path):
     store = DatasetStore(tmp_path)
     rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],

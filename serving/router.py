@@ -304,9 +304,7 @@ class Router:
         payload = {"prompt": prompt, "adapter": choice.adapter, "max_tokens": max_tokens,
                    "temperature": body.temperature or 0.0, "top_p": body.top_p or 1.0, "stop": body.stop or [],
                    "ignore_eos": body.ignore_eos, "regex": regex}
-        # No multiplexed_model_id: Serve splits a batch by it, which would undo mixed-adapter batches. Any LLM
-        # replica serves any adapter, loading it on demand.
-        events = self.llm.options(stream=True).remote(payload)
+        events = self._generate(payload)
         record = {"request_id": request_id, "model": body.model, "route": route.name, "variant": choice.variant,
                   "adapter": choice.adapter, "key_id": key.id if key else None,
                   "user_hash": user_hash(body.user, self.user_secret), "messages": logged, "rag": route.cfg.rag,
@@ -367,11 +365,17 @@ class Router:
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return prompt, len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
+    def _generate(self, payload: dict):
+        """The LLM's event stream for `payload`. The adapter rides as Serve's multiplexed model id, so Serve sends
+        it to a replica that has that adapter loaded where one does (both engines batch across adapters, so this
+        splits no batch); any replica can still serve any adapter, loading it on demand."""
+        return self.llm.options(stream=True, multiplexed_model_id=payload["adapter"] or "").remote(payload)
+
     async def _shadow(self, payload: dict, record: dict, sources: list[dict]) -> None:
         """The canary answers a copy of the request; the answer is logged, never returned."""
         started, text, last, status, message = time.perf_counter(), "", {}, "ok", None
         try:
-            async for event in self.llm.options(stream=True).remote(payload):
+            async for event in self._generate(payload):
                 if "error" in event:
                     status, message = "error", event["error"]
                     break

@@ -302,7 +302,25 @@ class RouteConfig:
 
 
 @dataclass
+class VLLMServeConfig:
+    """serve.llm.engine=vllm: vLLM runs in an environment of its own (its transformers pin is not the project's)."""
+    # a Python with vllm and the project's ray (`make setup-vllm` builds this one; relative to the working directory)
+    python: str = "${oc.env:TANDEM_VLLM_PYTHON,.venv-vllm/bin/python}"
+    dtype: str = "bfloat16"  # the base's weights in vLLM
+    max_lora_rank: int = 16  # the largest LoRA rank it accepts (vLLM sizes its LoRA buffers by it)
+    enforce_eager: bool = True  # no CUDA graphs: starts faster; false on GPU sites for faster decoding
+    gpu_memory_utilization: float = 0.9  # share of the GPU's memory vLLM takes (weights + KV cache)
+    cpu_kv_cache_gib: int = 1  # KV cache size without a GPU (VLLM_CPU_KVCACHE_SPACE)
+    cpu_threads: int = 0  # OMP threads of the CPU engine; 0: vLLM's default (one per core)
+    num_cpus: float = 1.0  # CPUs reserved for the vLLM actor (its GPUs are serve.llm.num_gpus)
+    start_timeout_s: float = 600.0  # how long a replica waits for vLLM to load the model
+
+
+@dataclass
 class LLMServeConfig:
+    # hf: transformers + PEFT in the replica (continuous batching, gathered LoRA; the only engine for nf4/int8);
+    # vllm: vLLM in an actor of its own environment (serve.llm.vllm)
+    engine: str = "hf"
     num_replicas: int = 1  # LLM replicas (with no autoscaling)
     num_cpus: float = 0.5  # CPUs per LLM replica
     num_gpus: float = 0.0  # GPUs per LLM replica
@@ -324,6 +342,7 @@ class LLMServeConfig:
     # Serve's autoscaling_config (min_replicas, max_replicas, target_ongoing_requests, ...); empty: num_replicas
     autoscaling: dict = field(default_factory=dict)
     max_replicas_per_node: Optional[int] = None  # spread replicas over nodes (Serve's max_replicas_per_node)
+    vllm: VLLMServeConfig = field(default_factory=VLLMServeConfig)
 
 
 @dataclass

@@ -170,6 +170,9 @@ class DataConfig:
     out: str = "${workdir}/data/${data.dataset}"  # the directory written
     # grounded_qa: training rows drawn from the train split of evaluate.qa, with evaluate.k passages each
     rows: int = 1200
+    # grounded_qa: the share of rows whose right reply is to abstain (drawn from three times data.rows retrieved
+    # questions); None: as retrieval gives them (about 8% on the demo)
+    abstain_share: Optional[float] = None
 
 
 @dataclass

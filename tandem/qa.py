@@ -98,14 +98,31 @@ def grounded_rows(questions: list[dict], passages: list[list[dict]]) -> list[dic
     return rows
 
 
+def balance(rows: list[dict], limit: int, abstain_share: float | None) -> list[dict]:
+    """`limit` rows of which `abstain_share` abstain (as near as the pool allows), in the pool's order; with no share,
+    the first `limit` as they come. Abstention is a minority behaviour (about one row in ten as retrieval goes), and
+    a short run sees too few of them to learn it (stop 20's rows curve)."""
+    if abstain_share is None:
+        return rows[:limit]
+    if not 0.0 <= abstain_share <= 1.0:
+        raise ConfigError(f"data.abstain_share={abstain_share}: expected a share between 0 and 1")
+    abstain = [r for r in rows if r["abstain"]][: round(limit * abstain_share)]
+    answer = [r for r in rows if not r["abstain"]][: limit - len(abstain)]
+    kept = {id(r) for r in abstain + answer}
+    return [r for r in rows if id(r) in kept]
+
+
 def build_grounded(cfg, out: Path) -> dict:
     """`data.rows` rows of the grounded task from the train split of `evaluate.qa` (one phrasing per fact, spread
-    over question kinds), with `evaluate.k` passages from the retriever in `evaluate.mode`; written as JSONL."""
+    over question kinds), with `evaluate.k` passages from the retriever in `evaluate.mode`; written as JSONL. With
+    `data.abstain_share`, a pool of three times as many questions is retrieved for, to draw that share of
+    abstentions from."""
     from tandem.datasets import write_jsonl
 
-    e = cfg.evaluate
-    questions = pick(one_per_fact(load_qa(e.qa, "train")), cfg.data.rows)
+    e, d = cfg.evaluate, cfg.data
+    questions = pick(one_per_fact(load_qa(e.qa, "train")), d.rows * (3 if d.abstain_share is not None else 1))
     rows = grounded_rows(questions, passages_for(cfg, [Path(e.qa) / "corpus"], questions, e.collection, e.k, e.mode))
+    rows = balance(rows, d.rows, d.abstain_share)
     kinds = sorted({r["kind"] for r in rows})
     return {"rows": write_jsonl(out, rows), "abstain": sum(r["abstain"] for r in rows),
             **{kind: sum(r["kind"] == kind for r in rows) for kind in kinds}}

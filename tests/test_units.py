@@ -120,6 +120,19 @@ def test_grounded_rows_cite_the_passage_that_states_the_answer_or_abstain():
     assert parse_rag_answer("Paris.") is None
 
 
+def test_grounded_rows_can_be_balanced_toward_abstention():
+    from tandem.errors import ConfigError
+    from tandem.qa import balance
+
+    pool = [{"id": i, "abstain": i % 5 == 0} for i in range(30)]  # 6 of 30 abstain
+    assert balance(pool, 10, None) == pool[:10]
+    kept = balance(pool, 10, 0.4)
+    assert [r["id"] for r in kept] == [0, 1, 2, 3, 4, 5, 6, 7, 10, 15] and sum(r["abstain"] for r in kept) == 4
+    assert sum(r["abstain"] for r in balance(pool, 10, 0.9)) == 6 and len(balance(pool, 10, 0.9)) == 10
+    with pytest.raises(ConfigError, match="abstain_share=1.5"):
+        balance(pool, 10, 1.5)
+
+
 def test_served_answers_are_checked_against_the_passages_they_cite():
     from tandem.answers import served_grounding
 

@@ -1,5 +1,6 @@
 # `make demo`: set up, index the demo corpus, train and validate the demo adapter, serve both, on embedded defaults.
 # `make test`: set up and run the tests.
+# `setup` builds .venv; `setup-vllm` builds .venv-vllm, the serving engine's own environment (conf/site/local.yaml).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -40,7 +41,7 @@ $(VLLM_STAMP):
 
 setup-vllm: $(VLLM_STAMP)
 
-demo: setup
+demo: setup setup-vllm
 	# knowledge: 10,033 Wikipedia summaries and a QA set over them, split by document; 5% of the articles are left
 	# out of the index, so their questions have no answer (prune: an older demo index held them)
 	$(PY) -m jobs.prepare_data data.dataset=wiki_qa
@@ -59,7 +60,7 @@ demo: setup
 		registry.reason="make demo"
 	$(PY) -m serving serve.ask="$(DEMO_QUERY)"
 
-serve: setup
+serve: setup setup-vllm
 	$(PY) -m serving
 
 test: setup setup-vllm

@@ -132,6 +132,7 @@ def main() -> dict:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     with milvus_endpoint(str(work / "server.db")) as uri:
         cfg = load_config("serve", [f"store.uri={uri}", "serve.port=8021", "serve.controller=false",
+                                    "serve.llm.engine=hf",
                                     *args.overrides])
         serve.start(http_options={"host": "127.0.0.1", "port": 8021})
         serve.run(build_app(cfg), name="tandem", route_prefix="/")

@@ -82,6 +82,7 @@ def main() -> dict:
                                   for k, v in list(json.loads(wiki_source().read_text()).items())[:400]))
         index_main([f"corpus.path={corpus.parent}", f"store.uri={uri}", "store.collection=wiki"])
         cfg = load_config("serve", [f"store.uri={uri}", "serve.port=8019", "embedder.torch_threads=1",
+                                    "serve.llm.engine=hf",
                                     "+serve.routes.bench={adapter: bench, rag: false}", "serve.llm.max_adapters=8",
                                     "serve.llm.max_batch_size=8", f"serve.llm.max_new_tokens={args.max_tokens}"])
         registry = Registry.from_config(cfg)

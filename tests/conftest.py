@@ -108,6 +108,7 @@ def serve_cfg(ray_cluster, milvus_server, wiki_index, workdir, tmp_path_factory)
                  "+serve.routes.assistant={adapter: demo, rag: true, collection: wiki, k: 2, canary_weight: 0.5}",
                  "serve.llm.max_adapters=2", "serve.llm.max_new_tokens=48", "serve.llm.default_max_tokens=12",
                  "serve.llm.max_context=1024", "serve.llm.num_cpus=0.5", "serve.retriever.num_cpus=0.25",
+                 "serve.llm.engine=hf",  # the session app tests the HF engine; tests/test_vllm.py the vLLM one
                  "+serve.routes.ro={adapter: ro}",
                  "+serve.routes.fresh={adapter: fresh, rag: true, collection: wiki, k: 2}",
                  "+serve.routes.guided={adapter: null, rag: true, guided: true, collection: wiki, k: 2}",

@@ -76,6 +76,7 @@ def main(workdir: str, milvus_uri: str, corpus: str, port: str) -> dict:
                                 "serve.llm.num_cpus=0.25", "serve.retriever.num_cpus=0.1",
                                 "serve.retriever.autoscaling={min_replicas: 2, max_replicas: 2}",
                                 "serve.router_replicas=1", "serve.controller=false",
+                                "serve.llm.engine=hf",  # two vLLM engines do not fit 3 CPUs; tests/test_vllm.py
                                 "serve.routes.assistant.collection=multinode"])
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": int(port)})
     serve.run(build_app(cfg), name="tandem", route_prefix="/")

@@ -211,7 +211,7 @@ def test_grafana_has_no_anonymous_access_and_its_password_comes_from_a_secret():
                                                                               "key": "password"}
 
 
-def test_rayservice_serves_conf_serve_tandem_yaml_on_the_cluster_site(tmp_path):
+def test_rayservice_serves_conf_serve_tandem_yaml_on_the_cluster_site(tmp_path, monkeypatch):
     from ray.serve.schema import ServeDeploySchema
 
     from serving.app import app
@@ -227,6 +227,12 @@ def test_rayservice_serves_conf_serve_tandem_yaml_on_the_cluster_site(tmp_path):
     local["http_options"]["host"] = "0.0.0.0"
     local["applications"][0]["args"]["overrides"] = ["site=cluster"]
     assert served == local
+    # the cluster site serves with vLLM from the image's environment (cluster/Dockerfile sets TANDEM_VLLM_PYTHON;
+    # here, make setup-vllm's); without it the app is refused where it is built
+    monkeypatch.setenv("TANDEM_VLLM_PYTHON", str(tmp_path / "no-vllm" / "python"))
+    with pytest.raises(ConfigError, match="make setup-vllm"):
+        app({"overrides": served["applications"][0]["args"]["overrides"]})
+    monkeypatch.setenv("TANDEM_VLLM_PYTHON", str(ROOT / ".venv-vllm" / "bin" / "python"))
     # the cluster site refuses to serve without API keys, and builds with them: Serve accepts its autoscaling and
     # placement options
     args = served["applications"][0]["args"]

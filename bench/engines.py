@@ -112,7 +112,8 @@ def main() -> dict:
     # both engines: 8 adapters kept, 8 rows a step, 2 threads (the HF engine's torch, vLLM's OpenMP)
     cfg = load_config("serve", ["serve.llm.max_adapters=8", "serve.llm.max_batch_size=8", "serve.llm.torch_threads=2",
                                 "serve.llm.vllm.cpu_threads=2", "serve.llm.max_context=1024", *overrides])
-    cfg = OmegaConf.merge(cfg, {"serve": {"llm": {"vllm": {"python": str(vllm_python(cfg.serve.llm))}}}})
+    if "vllm" in args.engines.split(","):
+        cfg = OmegaConf.merge(cfg, {"serve": {"llm": {"vllm": {"python": str(vllm_python(cfg.serve.llm))}}}})
     base = prepare_base(cfg.model.path, cfg.model.cache_dir, cfg.model.dtype)
     tokenizer = load_tokenizer(base)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

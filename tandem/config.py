@@ -170,9 +170,10 @@ class DataConfig:
     out: str = "${workdir}/data/${data.dataset}"  # the directory written
     # grounded_qa: training rows drawn from the train split of evaluate.qa, with evaluate.k passages each
     rows: int = 1200
-    # grounded_qa: the share of rows whose right reply is to abstain (drawn from three times data.rows retrieved
-    # questions); None: as retrieval gives them (about 8% on the demo)
-    abstain_share: Optional[float] = None
+    # grounded_qa: the share of rows that are near misses (answerable questions whose retrieved passages do not state
+    # the answer: the reply abstains), drawn from three times data.rows retrieved questions; None: as retrieval gives
+    # them (46 of the demo's 600 rows)
+    near_miss_share: Optional[float] = None
 
 
 @dataclass

@@ -98,31 +98,37 @@ def grounded_rows(questions: list[dict], passages: list[list[dict]]) -> list[dic
     return rows
 
 
-def balance(rows: list[dict], limit: int, abstain_share: float | None) -> list[dict]:
-    """`limit` rows of which `abstain_share` abstain (as near as the pool allows), in the pool's order; with no share,
-    the first `limit` as they come. Abstention is a minority behaviour (about one row in ten as retrieval goes), and
-    a short run sees too few of them to learn it (stop 20's rows curve)."""
-    if abstain_share is None:
+def near_miss(row: dict) -> bool:
+    """An answerable question whose retrieved passages do not state its answer: the right reply abstains, though the
+    passages are about the right things. What the assistant meets most; an unanswerable question's are unrelated."""
+    return row["abstain"] and row["kind"] != "unanswerable"
+
+
+def balance(rows: list[dict], limit: int, near_miss_share: float | None) -> list[dict]:
+    """`limit` rows of which `near_miss_share` are near misses (as near as the pool allows), in the pool's order; with
+    no share, the first `limit` as they come (about 8% near misses on the demo)."""
+    if near_miss_share is None:
         return rows[:limit]
-    if not 0.0 <= abstain_share <= 1.0:
-        raise ConfigError(f"data.abstain_share={abstain_share}: expected a share between 0 and 1")
-    abstain = [r for r in rows if r["abstain"]][: round(limit * abstain_share)]
-    answer = [r for r in rows if not r["abstain"]][: limit - len(abstain)]
-    kept = {id(r) for r in abstain + answer}
+    if not 0.0 <= near_miss_share <= 1.0:
+        raise ConfigError(f"data.near_miss_share={near_miss_share}: expected a share between 0 and 1")
+    misses = [r for r in rows if near_miss(r)][: round(limit * near_miss_share)]
+    others = [r for r in rows if not near_miss(r)][: limit - len(misses)]
+    kept = {id(r) for r in misses + others}
     return [r for r in rows if id(r) in kept]
 
 
 def build_grounded(cfg, out: Path) -> dict:
     """`data.rows` rows of the grounded task from the train split of `evaluate.qa` (one phrasing per fact, spread
     over question kinds), with `evaluate.k` passages from the retriever in `evaluate.mode`; written as JSONL. With
-    `data.abstain_share`, a pool of three times as many questions is retrieved for, to draw that share of
-    abstentions from."""
+    `data.near_miss_share`, a pool of three times as many questions is retrieved for, to draw that share of near
+    misses from."""
     from tandem.datasets import write_jsonl
 
     e, d = cfg.evaluate, cfg.data
-    questions = pick(one_per_fact(load_qa(e.qa, "train")), d.rows * (3 if d.abstain_share is not None else 1))
+    questions = pick(one_per_fact(load_qa(e.qa, "train")), d.rows * (3 if d.near_miss_share is not None else 1))
     rows = grounded_rows(questions, passages_for(cfg, [Path(e.qa) / "corpus"], questions, e.collection, e.k, e.mode))
-    rows = balance(rows, d.rows, d.abstain_share)
+    rows = balance(rows, d.rows, d.near_miss_share)
     kinds = sorted({r["kind"] for r in rows})
     return {"rows": write_jsonl(out, rows), "abstain": sum(r["abstain"] for r in rows),
+            "near_misses": sum(map(near_miss, rows)),
             **{kind: sum(r["kind"] == kind for r in rows) for kind in kinds}}

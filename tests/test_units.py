@@ -120,16 +120,17 @@ def test_grounded_rows_cite_the_passage_that_states_the_answer_or_abstain():
     assert parse_rag_answer("Paris.") is None
 
 
-def test_grounded_rows_can_be_balanced_toward_abstention():
+def test_grounded_rows_can_be_balanced_toward_near_misses():
     from tandem.errors import ConfigError
-    from tandem.qa import balance
+    from tandem.qa import balance, near_miss
 
-    pool = [{"id": i, "abstain": i % 5 == 0} for i in range(30)]  # 6 of 30 abstain
+    # ids 0, 5, .. abstain: 0, 10, 20 as near misses, 5, 15, 25 as unanswerable questions
+    pool = [{"id": i, "abstain": i % 5 == 0, "kind": "unanswerable" if i % 10 == 5 else "person"} for i in range(30)]
     assert balance(pool, 10, None) == pool[:10]
-    kept = balance(pool, 10, 0.4)
-    assert [r["id"] for r in kept] == [0, 1, 2, 3, 4, 5, 6, 7, 10, 15] and sum(r["abstain"] for r in kept) == 4
-    assert sum(r["abstain"] for r in balance(pool, 10, 0.9)) == 6 and len(balance(pool, 10, 0.9)) == 10
-    with pytest.raises(ConfigError, match="abstain_share=1.5"):
+    kept = balance(pool, 10, 0.2)
+    assert [r["id"] for r in kept] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 10] and sum(map(near_miss, kept)) == 2
+    assert sum(map(near_miss, balance(pool, 10, 0.9))) == 3 and len(balance(pool, 10, 0.9)) == 10
+    with pytest.raises(ConfigError, match="near_miss_share=1.5"):
         balance(pool, 10, 1.5)
 
 

@@ -109,9 +109,10 @@ def main() -> dict:
     from tandem.config import load_config
     from tandem.models import load_tokenizer, prepare_base
 
-    # both engines: 8 adapters kept, 8 rows a step, 2 threads (the HF engine's torch, vLLM's OpenMP)
+    # both engines: 8 adapters kept, 8 rows a step; the HF engine's torch on 2 threads, vLLM bound as configured
+    # (serve.llm.vllm.cpu_bind: auto computes on one core of two)
     cfg = load_config("serve", ["serve.llm.max_adapters=8", "serve.llm.max_batch_size=8", "serve.llm.torch_threads=2",
-                                "serve.llm.vllm.cpu_threads=2", "serve.llm.max_context=1024", *overrides])
+                                "serve.llm.max_context=1024", *overrides])
     if "vllm" in args.engines.split(","):
         cfg = OmegaConf.merge(cfg, {"serve": {"llm": {"vllm": {"python": str(vllm_python(cfg.serve.llm))}}}})
     base = prepare_base(cfg.model.path, cfg.model.cache_dir, cfg.model.dtype)
@@ -140,6 +141,7 @@ def main() -> dict:
             engine.shutdown()
     result = {"requests": args.requests, "rate_per_s": args.rate, "max_tokens": [8, 128], "adapters": ADAPTERS,
               "burst": args.burst, "burst_max_tokens": args.max_tokens, "vllm_dtype": cfg.serve.llm.vllm.dtype,
+              "vllm_cpu_bind": cfg.serve.llm.vllm.cpu_bind,
               "engines": engines}
     if {"hf", "vllm"} <= set(engines):
         hf, vllm = engines["hf"]["load"], engines["vllm"]["load"]

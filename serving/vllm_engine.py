@@ -43,9 +43,7 @@ class VLLMEngine:
     def __init__(self, cfg, base, released: Callable[[set[str]], None]):
         llm, v = cfg.serve.llm, cfg.serve.llm.vllm
         python = vllm_python(llm)
-        env = {"VLLM_CPU_KVCACHE_SPACE": str(v.cpu_kv_cache_gib)}
-        if v.cpu_threads:
-            env["OMP_NUM_THREADS"] = str(v.cpu_threads)
+        env = {"VLLM_CPU_KVCACHE_SPACE": str(v.cpu_kv_cache_gib), "VLLM_CPU_OMP_THREADS_BIND": v.cpu_bind}
         engine_args = {"dtype": v.dtype, "max_model_len": llm.max_context or None, "max_loras": llm.max_adapters,
                        "max_lora_rank": v.max_lora_rank, "max_num_seqs": llm.max_batch_size,
                        "enforce_eager": v.enforce_eager, "gpu_memory_utilization": v.gpu_memory_utilization}

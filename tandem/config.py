@@ -315,7 +315,9 @@ class VLLMServeConfig:
     enforce_eager: bool = True  # no CUDA graphs: starts faster; false on GPU sites for faster decoding
     gpu_memory_utilization: float = 0.9  # share of the GPU's memory vLLM takes (weights + KV cache)
     cpu_kv_cache_gib: int = 1  # KV cache size without a GPU (VLLM_CPU_KVCACHE_SPACE)
-    cpu_threads: int = 0  # OMP threads of the CPU engine; 0: vLLM's default (one per core)
+    # the CPU engine's thread binding (VLLM_CPU_OMP_THREADS_BIND): auto (vLLM binds to cores and keeps one in
+    # reserve: on a 2-core box it computes on one), nobind (OpenMP's threads, every core), or cores such as 0-3
+    cpu_bind: str = "auto"
     num_cpus: float = 1.0  # CPUs reserved for the vLLM actor (its GPUs are serve.llm.num_gpus)
     start_timeout_s: float = 600.0  # how long a replica waits for vLLM to load the model
 

@@ -23,13 +23,12 @@ import statistics
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.batching import ADAPTERS, replay, summary, workload  # noqa: E402
-from bench.lora_kernel import model_with_adapters  # noqa: E402
+from bench.lora_kernel import burst, model_with_adapters  # noqa: E402
 from tandem.runtime import write_json  # noqa: E402
 
 
@@ -66,20 +65,6 @@ class Driver:
             if event.get("finish_reason") or "error" in event:
                 done()
         self.submit(request["text"], request["max_tokens"], request["adapter"], emit)
-
-    def burst(self, adapters: list[str], max_tokens: int) -> float:
-        finished, tokens = threading.Semaphore(0), []
-
-        def emit(event):
-            if event.get("finish_reason") or "error" in event:
-                tokens.append(event.get("completion_tokens", 0))
-                finished.release()
-        started = time.perf_counter()
-        for i, adapter in enumerate(adapters):
-            self.submit(f"Write a short poem about {i}.", max_tokens, adapter, emit)
-        for _ in adapters:
-            finished.acquire()
-        return sum(tokens) / (time.perf_counter() - started)
 
 
 def make_engine(kind: str, cfg, base):
@@ -128,15 +113,15 @@ def main() -> dict:
             driver = Driver(engine, tokenizer)
             for name, path in paths.items():
                 driver.call(engine.load(name, path))
-            driver.burst(spreads["eight_adapters"][:8], 2)  # warm up
+            burst(driver.submit, spreads["eight_adapters"][:8], 2)  # warm up
             runs = {spread: [] for spread in spreads}
             for _ in range(args.rounds):
                 for spread, adapters in spreads.items():
-                    runs[spread].append(driver.burst(adapters, args.max_tokens))
+                    runs[spread].append(burst(driver.submit, adapters, args.max_tokens))
                     print(kind, spread, round(runs[spread][-1], 1), "tokens/s", flush=True)
-            burst = {spread: round(statistics.median(rates), 1) for spread, rates in runs.items()}
-            engines[kind] = {"load": summary(load, replay(load, driver.arrivals)), "burst_tokens_per_s": burst,
-                             "eight_vs_one": round(burst["eight_adapters"] / burst["one_adapter"], 2)}
+            median = {spread: round(statistics.median(rates), 1) for spread, rates in runs.items()}
+            engines[kind] = {"load": summary(load, replay(load, driver.arrivals)), "burst_tokens_per_s": median,
+                             "eight_vs_one": round(median["eight_adapters"] / median["one_adapter"], 2)}
             print(kind, engines[kind], flush=True)
             engine.shutdown()
     result = {"requests": args.requests, "rate_per_s": args.rate, "max_tokens": [8, 128], "adapters": ADAPTERS,

@@ -45,9 +45,9 @@ def model_with_adapters(count: int, device: str = "cpu"):
     return model.eval(), load_tokenizer(base)
 
 
-def burst(engine, tokenizer, adapters: list[str], max_tokens: int) -> float:
-    from tandem.engine import Completion
-
+def burst(submit, adapters: list[str], max_tokens: int) -> float:
+    """Generated tokens/s of one request per entry of `adapters`, all sent at once through
+    `submit(text, max_tokens, adapter, emit)`, exactly max_tokens each."""
     done = threading.Semaphore(0)
     tokens = []
 
@@ -58,12 +58,21 @@ def burst(engine, tokenizer, adapters: list[str], max_tokens: int) -> float:
 
     started = time.perf_counter()
     for i, adapter in enumerate(adapters):
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": f"Write a short poem about {i}."}],
-                                               add_generation_prompt=True, tokenize=False)
-        engine.submit(Completion(prompt, max_tokens, ignore_eos=True), adapter, emit)
+        submit(f"Write a short poem about {i}.", max_tokens, adapter, emit)
     for _ in adapters:
         done.acquire()
     return sum(tokens) / (time.perf_counter() - started)
+
+
+def submitter(engine, tokenizer):
+    """`burst`'s submit for the bare continuous-batching engine."""
+    from tandem.engine import Completion
+
+    def submit(text: str, max_tokens: int, adapter: str | None, emit) -> None:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                               tokenize=False)
+        engine.submit(Completion(prompt, max_tokens, ignore_eos=True), adapter, emit)
+    return submit
 
 
 def main() -> dict:
@@ -81,16 +90,16 @@ def main() -> dict:
     torch.set_num_threads(2)
     model, tokenizer = model_with_adapters(8, args.device)
     gathered = GatheredLoRA(model)
-    engines = {"peft": Engine(lambda: model, tokenizer, 8, 8),
-               "gathered": Engine(lambda: model, tokenizer, 8, 8, gathered=lambda: gathered)}
+    engines = {"peft": submitter(Engine(lambda: model, tokenizer, 8, 8), tokenizer),
+               "gathered": submitter(Engine(lambda: model, tokenizer, 8, 8, gathered=lambda: gathered), tokenizer)}
     spreads = {"one_adapter": ["a0"] * args.burst, "eight_adapters": [f"a{i % 8}" for i in range(args.burst)]}
-    for engine in engines.values():
-        burst(engine, tokenizer, spreads["eight_adapters"][:8], 2)  # warm up
+    for submit in engines.values():
+        burst(submit, spreads["eight_adapters"][:8], 2)  # warm up
     runs = {(k, s): [] for k in engines for s in spreads}
     for _ in range(args.rounds):
-        for kernel, engine in engines.items():
+        for kernel, submit in engines.items():
             for spread, adapters in spreads.items():
-                rate = burst(engine, tokenizer, adapters, args.max_tokens)
+                rate = burst(submit, adapters, args.max_tokens)
                 runs[kernel, spread].append(rate)
                 print(kernel, spread, round(rate, 1), "tokens/s", flush=True)
     rate = {f"{k}/{s}": round(statistics.median(v), 1) for (k, s), v in runs.items()}

@@ -9,7 +9,6 @@ the replica's node (it reads the adapter files the replica downloaded) and dies 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import uuid
 from collections import Counter
@@ -55,15 +54,14 @@ class VLLMEngine:
         ).remote(str(base.path), engine_args)
         ray.get(self.worker.list_loras.remote(), timeout=v.start_timeout_s)  # up, or why not, before the replica is
         self.released = released
-        self.ids: dict[str, int] = {}  # adapter -> vLLM's int id, one per adapter for the replica's life
-        self.next_id = itertools.count(1)
+        self.ids: dict[str, int] = {}  # adapter -> vLLM's int id (1, 2, ...), one per adapter for the replica's life
         self.paths: dict[str, str] = {}  # adapters loaded -> their verified local paths
         self.users: Counter = Counter()  # adapter -> requests running
         self.tasks: dict[str, asyncio.Task] = {}  # request id -> the task relaying its events
         self.cancelled = 0
 
     async def load(self, name: str, path: Path) -> None:
-        lora_id = self.ids.setdefault(name, next(self.next_id))
+        lora_id = self.ids.setdefault(name, len(self.ids) + 1)
         await self.worker.add_lora.remote(name, lora_id, str(path))
         self.paths[name] = str(path)
 

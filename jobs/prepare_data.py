@@ -1,6 +1,6 @@
 """Build a corpus, an evaluation set or a training task from data shipped in packages.
 
-    python -m jobs.prepare_data data.dataset=wiki|wiki_beir|wiki_qa|python_faq|grounded_qa [data.out=DIR]
+    python -m jobs.prepare_data data.dataset=wiki|wiki_beir|wiki_qa|python_faq|faq_qa|grounded_qa [data.out=DIR]
     python -m jobs.prepare_data data.dataset=grounded_qa [data.rows=1200] [evaluate.qa=DIR]
 
 `grounded_qa` is the behaviour task that teaches grounded answering: the train split of the QA set in evaluate.qa

@@ -65,17 +65,19 @@ class Reply:
 
 def score_answer(reply: Reply, references: list[str], gold_docs: list[str], passages: list[dict]) -> dict:
     """Metrics for one question. `passages`: what the prompt numbered (each with `doc_id` and `text`), [] without
-    retrieval; `references` and `gold_docs` are empty for an unanswerable question."""
-    answerable = bool(references)
+    retrieval; `references` and `gold_docs` are empty for an unanswerable question. A question whose answer is a
+    whole document (the FAQ's) has `gold_docs` and no `references`: it is scored on citations and groundedness only."""
+    answerable = bool(references or gold_docs)
     cited = [passages[i - 1] for i in dict.fromkeys(reply.sources) if 1 <= i <= len(passages)]
     out = {"valid": float(reply.valid), "answerable": answerable}
     if not answerable:
         out["abstained"] = float(reply.abstained)
         return out
-    out["exact"] = max(float(normalize(reply.answer) == normalize(r)) for r in references)
-    out["f1"] = max(token_f1(reply.answer, r) for r in references)
-    out["contains"] = max(float(bool(normalize(r)) and f" {normalize(r)} " in f" {normalize(reply.answer)} ")
-                          for r in references)
+    if references:
+        out["exact"] = max(float(normalize(reply.answer) == normalize(r)) for r in references)
+        out["f1"] = max(token_f1(reply.answer, r) for r in references)
+        out["contains"] = max(float(bool(normalize(r)) and f" {normalize(r)} " in f" {normalize(reply.answer)} ")
+                              for r in references)
     out["false_abstention"] = float(reply.abstained)
     if passages:
         retrieved = {p["doc_id"] for p in passages}

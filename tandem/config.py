@@ -110,7 +110,7 @@ class EvalConfig:
 @dataclass
 class EvaluateConfig:
     qa: str = "${workdir}/data/wiki_qa"  # a QA set (jobs.prepare_data data.dataset=wiki_qa): qa.jsonl, corpus/
-    split: str = "test"  # the QA set's split asked (split by document: no test fact is in train)
+    split: str = "test"  # the QA set's split asked (split by document: no test fact is in train); all: every split
     collection: str = "wiki"  # where the QA set's corpus is indexed (incrementally): the assistant route's
     # base | base+rag | tuned | tuned+rag | NAME@VERSION[+rag]: each arm answers every question
     arms: list = field(default_factory=lambda: ["base", "base+rag", "tuned", "tuned+rag"])
@@ -165,7 +165,7 @@ class SearchConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "wiki"  # wiki | wiki_beir | wiki_qa | python_faq | grounded_qa
+    dataset: str = "wiki"  # wiki | wiki_beir | wiki_qa | python_faq | faq_qa | grounded_qa
     source: Optional[str] = None  # where the raw data lies; None: its packaged or Debian location
     out: str = "${workdir}/data/${data.dataset}"  # the directory written
     # grounded_qa: training rows drawn from the train split of evaluate.qa, with evaluate.k passages each

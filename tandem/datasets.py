@@ -8,6 +8,9 @@
   task (`grounded_qa`, tandem/qa.py) and its evaluation are drawn from it.
 - `python_faq`: Debian's `python3.11-doc` FAQ (`html/_sources/faq/*.rst.txt`): each question heading is a query, the
   answer under it is its one relevant document.
+- `faq_qa`: a QA set over that FAQ, in `wiki_qa`'s layout. Its answers are paragraphs, not spans, so its questions
+  carry the gold document and no reference answer: they are scored on citing it, staying grounded in it and
+  abstaining when it is not indexed, not on matching words.
 """
 
 from __future__ import annotations
@@ -109,6 +112,57 @@ def python_faq(out: Path, source: str | None = None) -> dict:
         queries.append({"_id": qid, "text": question})
         qrels.append((qid, doc_id))
     return write_beir(out, corpus, queries, qrels)
+
+
+# A second wording for the FAQ's common heading shapes (the heading itself is the first)
+FAQ_REWORDINGS = ((re.compile(r"^How do I (.+)\?$"), "What is the way to {}?"),
+                  (re.compile(r"^How can I (.+)\?$"), "How do I {}?"),
+                  (re.compile(r"^Can I (.+)\?$"), "Is it possible to {}?"),
+                  (re.compile(r"^Is there (.+)\?$"), "Does {} exist?"),
+                  (re.compile(r"^Are there (.+)\?$"), "Do {} exist?"),
+                  (re.compile(r"^What is (.+)\?$"), "Can you explain what {} is?"))
+
+
+def faq_wordings(heading: str, phrasings: int) -> list[str]:
+    again = [t.format(m.group(1)) for pattern, t in FAQ_REWORDINGS if (m := pattern.match(heading))]
+    return [heading, *again][:phrasings]
+
+
+def read_beir(root: Path) -> tuple[list[dict], dict[str, str], dict[str, str]]:
+    """(corpus, query id -> text, query id -> its one relevant document) of a BEIR set with one document a query."""
+    def rows(name: str) -> list[dict]:
+        return [json.loads(line) for line in (root / name).read_text().splitlines() if line.strip()]
+
+    qrels = {}
+    for path in sorted((root / "qrels").glob("*.tsv")):
+        for line in path.read_text().splitlines()[1:]:
+            qid, doc_id, *_ = line.split("\t")
+            qrels[qid] = doc_id
+    return rows("corpus.jsonl"), {q["_id"]: q["text"] for q in rows("queries.jsonl")}, qrels
+
+
+def faq_qa(out: Path, source: str | None = None, phrasings: int = 2, held_out: float = 0.1) -> dict:
+    """A QA set over the Python FAQ, from its BEIR set (`source`, e.g. tests/data/python_faq; None: built from the
+    Debian FAQ first). Writes `corpus/faq.jsonl` and `qa.jsonl` as `wiki_qa` does, split by document. Each heading
+    is asked in up to `phrasings` wordings; its answer is its gold document (`answers` empty, `gold_docs` set).
+    A share `held_out` of the entries is left out of the corpus, and their questions become unanswerable."""
+    root = Path(source) if source else out / "beir"
+    if not source:
+        python_faq(root)
+    corpus, queries, qrels = read_beir(root)
+    indexed = [d for d in corpus if not _held_out(d["_id"], held_out)]
+    rows = []
+    for qid, heading in queries.items():
+        doc_id = qrels[qid]
+        answerable = not _held_out(doc_id, held_out)
+        for phrasing, question in enumerate(faq_wordings(heading, phrasings)):
+            rows.append({"id": f"q{len(rows)}", "kind": "faq" if answerable else "unanswerable",
+                         "question": question, "answers": [], "gold_docs": [doc_id] if answerable else [],
+                         "phrasing": phrasing, "split": split_of(doc_id), "doc_id": doc_id})
+    stats = {"documents": write_jsonl(out / "corpus" / "faq.jsonl",
+                                      ({"id": d["_id"], "title": d["title"], "text": d["text"]} for d in indexed)),
+             "questions": write_jsonl(out / "qa.jsonl", rows)}
+    return stats | dict(sorted(Counter(f"{r['split']}/{r['kind']}" for r in rows).items()))
 
 
 # Question kinds built from Wikidata descriptions; each has several phrasings, so a model is not scored on one template.
@@ -217,4 +271,4 @@ def wiki_qa(out: Path, source: str | None = None, phrasings: int = 2, held_out: 
     return stats | {f"{split}/{kind}": n for (split, kind), n in sorted(by_kind.items())}
 
 
-BUILDERS = {"wiki": wiki, "wiki_beir": wiki_beir, "wiki_qa": wiki_qa, "python_faq": python_faq}
+BUILDERS = {"wiki": wiki, "wiki_beir": wiki_beir, "wiki_qa": wiki_qa, "python_faq": python_faq, "faq_qa": faq_qa}

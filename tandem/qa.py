@@ -22,12 +22,13 @@ from tandem.prompts import rag_answer, rag_messages
 
 
 def load_qa(root: str | Path, split: str) -> list[dict]:
-    """The questions of one split of a QA set written by `tandem.datasets.wiki_qa` (`qa.jsonl`)."""
+    """The questions of one split of a QA set written by `tandem.datasets` (`qa.jsonl`); `all`: every split, for a
+    set nothing is trained on (the FAQ's)."""
     path = Path(root) / "qa.jsonl"
     if not path.is_file():
-        raise ConfigError(f"{path} is missing: build a QA set with `jobs.prepare_data data.dataset=wiki_qa`")
+        raise ConfigError(f"{path} is missing: build a QA set with `jobs.prepare_data data.dataset=wiki_qa|faq_qa`")
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r["split"] == split]
+    return [r for r in rows if split in (r["split"], "all")]
 
 
 def pick(questions: list[dict], limit: int) -> list[dict]:
@@ -125,7 +126,11 @@ def build_grounded(cfg, out: Path) -> dict:
     from tandem.datasets import write_jsonl
 
     e, d = cfg.evaluate, cfg.data
-    questions = pick(one_per_fact(load_qa(e.qa, "train")), d.rows * (3 if d.near_miss_share is not None else 1))
+    train = load_qa(e.qa, "train")
+    if any(q["gold_docs"] and not q["answers"] for q in train):
+        raise ConfigError(f"evaluate.qa={e.qa} has questions without reference answers (a document answers them), "
+                          "so no grounded reply can be labelled from it: use a span QA set such as wiki_qa")
+    questions = pick(one_per_fact(train), d.rows * (3 if d.near_miss_share is not None else 1))
     rows = grounded_rows(questions, passages_for(cfg, [Path(e.qa) / "corpus"], questions, e.collection, e.k, e.mode))
     rows = balance(rows, d.rows, d.near_miss_share)
     kinds = sorted({r["kind"] for r in rows})

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 import regex
 
 from tandem.answers import Reply, compare, score_answer, summarize
-from tandem.datasets import split_of, wiki_qa, wiki_source
+from tandem.datasets import faq_qa, split_of, wiki_qa, wiki_source
 from tandem.prompts import answer_format, parse_rag_answer
+from tandem.qa import load_qa
 from tandem.structured import response_regex
 
+DATA = Path(__file__).parent / "data"
 PASSAGES = [{"doc_id": "Kubrick", "text": "Stanley Kubrick was an American filmmaker."},
             {"doc_id": "2001", "text": "2001: A Space Odyssey is a 1968 film directed by Stanley Kubrick."}]
 
@@ -34,6 +37,11 @@ def test_answer_metrics():
     assert score_answer(abstain, [], [], PASSAGES) == {"valid": 1.0, "answerable": False, "abstained": 1.0}
     assert score_answer(Reply.parse('{"answer": "Paris", "sources": [1]}'), [], [], PASSAGES)["abstained"] == 0.0
     assert summarize([right, wrong])["contains"] == {"mean": 0.5, "n": 2}
+    # a document answers it (the FAQ's): no reference words to match, scored on citing the document and grounding
+    cited = score_answer(Reply.parse('{"answer": "a 1968 film", "sources": [2]}'), [], ["2001"], PASSAGES)
+    assert cited == {**cited, "answerable": True, "citation_precision": 1.0, "false_abstention": 0.0, "grounded": 1.0}
+    assert not {"exact", "f1", "contains", "abstained"} & set(cited)
+    assert score_answer(abstain, [], ["2001"], PASSAGES)["false_abstention"] == 1.0
 
 
 def test_arms_name_a_model_then_optional_rag_and_guided_decoding():
@@ -76,6 +84,30 @@ def test_wiki_qa_is_split_by_document_with_unanswerable_questions(tmp_path):
             assert r["gold_docs"] == [r["doc_id"]] and r["doc_id"] in indexed and r["answers"]
     kubrick = [r["question"] for r in rows if r["doc_id"] == "2001: A Space Odyssey"]
     assert len(kubrick) >= 6 and "Who directed 2001: A Space Odyssey?" in kubrick  # 3 kinds x 2 phrasings
+
+
+def test_faq_qa_asks_each_heading_in_two_wordings_and_holds_some_entries_out(tmp_path):
+    stats = faq_qa(tmp_path, str(DATA / "python_faq"))
+    rows = load_qa(tmp_path, "all")
+    indexed = {json.loads(line)["id"] for line in (tmp_path / "corpus" / "faq.jsonl").read_text().splitlines()}
+    assert stats["questions"] == len(rows) and stats["documents"] == len(indexed) < 178
+    for r in rows:
+        assert r["answers"] == [] and r["split"] == split_of(r["doc_id"])
+        assert (r["kind"], r["gold_docs"]) == (("faq", [r["doc_id"]]) if r["doc_id"] in indexed
+                                               else ("unanswerable", []))
+    assert {r["kind"] for r in rows} == {"faq", "unanswerable"} and len(load_qa(tmp_path, "test")) < len(rows)
+    blocking = [r["question"] for r in rows if "blocking in the connect()" in r["question"]]
+    assert blocking == ["How do I avoid blocking in the connect() method of a socket?",
+                        "What is the way to avoid blocking in the connect() method of a socket?"]
+
+
+def test_the_grounded_task_needs_span_answers(tmp_path):
+    from jobs.prepare_data import main as prepare_main
+    from tandem.errors import ConfigError
+
+    faq_qa(tmp_path, str(DATA / "python_faq"))
+    with pytest.raises(ConfigError, match="without reference answers"):
+        prepare_main(["data.dataset=grounded_qa", f"evaluate.qa={tmp_path}", f"data.out={tmp_path / 'out'}"])
 
 
 def test_decision_matrix_on_held_out_questions_and_fresh_facts(ray_cluster, milvus_server, serve_cfg, small_qa,

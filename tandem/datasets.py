@@ -145,16 +145,20 @@ def faq_qa(out: Path, source: str | None = None, phrasings: int = 2, held_out: f
     """A QA set over the Python FAQ, from its BEIR set (`source`, e.g. tests/data/python_faq; None: built from the
     Debian FAQ first). Writes `corpus/faq.jsonl` and `qa.jsonl` as `wiki_qa` does, split by document. Each heading
     is asked in up to `phrasings` wordings; its answer is its gold document (`answers` empty, `gold_docs` set).
-    A share `held_out` of the entries is left out of the corpus, and their questions become unanswerable."""
+    A share `held_out` of the entries is left out of the corpus, and their questions become unanswerable where no
+    indexed entry has the same heading."""
     root = Path(source) if source else out / "beir"
     if not source:
         python_faq(root)
     corpus, queries, qrels = read_beir(root)
     indexed = [d for d in corpus if not _held_out(d["_id"], held_out)]
+    asked_of_indexed = {h for q, h in queries.items() if not _held_out(qrels[q], held_out)}
     rows = []
     for qid, heading in queries.items():
         doc_id = qrels[qid]
         answerable = not _held_out(doc_id, held_out)
+        if not answerable and heading in asked_of_indexed:
+            continue  # the FAQ asks it twice ("What is Python?") and the other entry is indexed
         for phrasing, question in enumerate(faq_wordings(heading, phrasings)):
             rows.append({"id": f"q{len(rows)}", "kind": "faq" if answerable else "unanswerable",
                          "question": question, "answers": [], "gold_docs": [doc_id] if answerable else [],

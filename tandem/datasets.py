@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import random
@@ -24,6 +23,7 @@ from collections import Counter
 from pathlib import Path
 
 from tandem.errors import NotInstalledError
+from tandem.splits import position
 
 FAQ_DIR = "/usr/share/doc/python3.11/html/_sources/faq"
 UNDERLINE = re.compile(r"^([=\-~^\"'`#*+])\1{2,}\s*$")
@@ -187,12 +187,12 @@ CREATED = {"film": ("directed", "released"), "novel": ("wrote", "published"), "b
 def split_of(doc_id: str, test: float = 0.1, dev: float = 0.1) -> str:
     """A document's split, from a hash of its id: every question about it lands in the same one, so no test fact is
     ever trained on."""
-    h = int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "big") / 2**64
+    h = position(doc_id)
     return "test" if h < test else "dev" if h < test + dev else "train"
 
 
 def _held_out(doc_id: str, share: float) -> bool:
-    return int.from_bytes(hashlib.sha256(f"held-out:{doc_id}".encode()).digest()[:8], "big") / 2**64 < share
+    return position(f"held-out:{doc_id}") < share
 
 
 def _phrase(templates: tuple[str, ...], rng: random.Random, n: int, **values) -> list[str]:

@@ -4,12 +4,12 @@ significance tests), and model checks (perplexity on general text, for retention
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 from pathlib import Path
 
 from tandem.errors import ConfigError
+from tandem.splits import position
 
 METRICS = ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10")
 
@@ -82,7 +82,7 @@ def split_dev(qids: list[str], fraction: float) -> tuple[list[str], list[str]]:
     queries are added or reordered."""
     if not 0.0 < fraction < 1.0:
         raise ConfigError(f"eval.dev_fraction must be within (0, 1), got {fraction}")
-    dev = {q for q in qids if int(hashlib.sha256(q.encode()).hexdigest()[:8], 16) < fraction * 2**32}
+    dev = {q for q in qids if position(q) < fraction}
     return [q for q in qids if q in dev], [q for q in qids if q not in dev]
 
 

@@ -32,17 +32,13 @@ import httpx  # noqa: E402
 import ray  # noqa: E402
 
 from tandem.runtime import write_json  # noqa: E402
+from tandem.stats import percentile  # noqa: E402
 
 ONE_TOKEN = {"model": "chat", "max_tokens": 1, "messages": [{"role": "user", "content": "Name a colour."}]}
 
 
-def ms(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return round(xs[min(len(xs) - 1, int(q * len(xs)))] * 1000, 1)
-
-
 def summary(xs: list[float]) -> dict:
-    return {"n": len(xs), "p50_ms": ms(xs, 0.5), "p99_ms": ms(xs, 0.99)}
+    return {"n": len(xs), **{f"p{round(q * 100)}_ms": round(percentile(xs, q) * 1000, 1) for q in (0.5, 0.99)}}
 
 
 def answer(max_tokens: int, i: int) -> dict:

@@ -37,8 +37,8 @@ class Retriever:
     `meta["key"]`). BM25 and hybrid need a collection made with a BM25 field (Milvus >= 2.5 or Milvus Lite).
     """
 
-    def __init__(self, client: MilvusClient, collection: str, embed, search_params: dict, fusion, reranker=None,
-                 candidates: int = 20):
+    def __init__(self, client: MilvusClient, collection: str, embed, search_params: dict, fusion, reranker,
+                 candidates: int):
         self.client = client
         self.collection = collection
         self.embed = embed

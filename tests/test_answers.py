@@ -110,6 +110,28 @@ def test_the_grounded_task_needs_span_answers(tmp_path):
         prepare_main(["data.dataset=grounded_qa", f"evaluate.qa={tmp_path}", f"data.out={tmp_path / 'out'}"])
 
 
+def test_a_fact_is_changed_only_where_the_passage_then_states_the_new_one_alone():
+    from tandem.freshness import changed_facts
+
+    docs = {"dresden": "Dresden is the capital of the German state of Saxony in Germany.",
+            "timbuktu": "Timbuktu is a city in Mali, 20 km north of the Niger River.",
+            "madurai": "Madurai is a city in the Indian state of Tamil Nadu, India.",
+            "constantine": "Constantine is the capital of Constantine Province in Algeria.",
+            "gdansk": "Gdansk is a city on the Baltic coast of Poland."}
+    questions = [{"kind": "place", "question": f"In which country is {d.title()}?", "answers": [a], "gold_docs": [d]}
+                 for d, a in (("dresden", "Germany"), ("timbuktu", "Mali"), ("madurai", "India"),
+                              ("gdansk", "Poland"))]
+    questions.append({"kind": "place", "question": "In which country is Constantine, Algeria?", "answers": ["Algeria"],
+                      "gold_docs": ["constantine"]})
+    facts = changed_facts(questions, {k: {"id": k, "text": t} for k, t in docs.items()}, 5)
+    # Dresden still says German, Madurai Indian (and "India" in "Indian" is not India), Constantine's question names
+    # Algeria: only Timbuktu and Gdansk can carry a new country consistently
+    assert [f["doc"]["id"] for f in facts] == ["timbuktu", "gdansk"]
+    for f in facts:
+        new, (old,) = f["question"]["answers"][0], f["question"]["stale"]
+        assert new in f["doc"]["text"] and old not in f["doc"]["text"] and new != old
+
+
 def test_decision_matrix_on_held_out_questions_and_fresh_facts(ray_cluster, milvus_server, serve_cfg, small_qa,
                                                               tmp_path):
     """jobs.evaluate end to end on a small QA set: each arm answers the same test-split questions through the

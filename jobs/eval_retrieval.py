@@ -69,10 +69,12 @@ def tune_fusion(cfg, client, embedder: Embedder, queries: dict, qrels: dict) -> 
     tried, cfg = [], OmegaConf.merge(cfg)  # a copy: only the candidates count, not a collection's own fusion
     OmegaConf.set_readonly(cfg, False)
     cfg.search.collection_fusion = {}
+    asked = {q: queries[q] for q in dev}
+    vectors = dict(zip(asked.values(), embedder.encode(list(asked.values()))))  # once, not once per candidate
     for fusion in fusion_candidates(cfg.eval):
-        retriever = Retriever.from_config(client, cfg.store.collection, embedder.encode,
+        retriever = Retriever.from_config(client, cfg.store.collection, lambda texts: [vectors[t] for t in texts],
                                           OmegaConf.merge(cfg, {"search": {"fusion": fusion}}))
-        ranked = ranked_documents(retriever, {q: queries[q] for q in dev}, "hybrid", cfg.eval.k, cfg.eval.batch_size)
+        ranked = ranked_documents(retriever, asked, "hybrid", cfg.eval.k, cfg.eval.batch_size)
         tried.append({**fusion, "dev_ndcg@10": retrieval_metrics(ranked, {q: qrels[q] for q in dev})["ndcg@10"]})
     best = max(tried, key=lambda t: t["dev_ndcg@10"])
     chosen = {k: v for k, v in best.items() if k != "dev_ndcg@10"}

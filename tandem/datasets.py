@@ -23,6 +23,7 @@ from collections import Counter
 from pathlib import Path
 
 from tandem.errors import NotInstalledError
+from tandem.evaluation import load_beir
 from tandem.splits import position
 
 FAQ_DIR = "/usr/share/doc/python3.11/html/_sources/faq"
@@ -128,19 +129,6 @@ def faq_wordings(heading: str, phrasings: int) -> list[str]:
     return [heading, *again][:phrasings]
 
 
-def read_beir(root: Path) -> tuple[list[dict], dict[str, str], dict[str, str]]:
-    """(corpus, query id -> text, query id -> its one relevant document) of a BEIR set with one document a query."""
-    def rows(name: str) -> list[dict]:
-        return [json.loads(line) for line in (root / name).read_text().splitlines() if line.strip()]
-
-    qrels = {}
-    for path in sorted((root / "qrels").glob("*.tsv")):
-        for line in path.read_text().splitlines()[1:]:
-            qid, doc_id, *_ = line.split("\t")
-            qrels[qid] = doc_id
-    return rows("corpus.jsonl"), {q["_id"]: q["text"] for q in rows("queries.jsonl")}, qrels
-
-
 def faq_qa(out: Path, source: str | None = None, phrasings: int = 2, held_out: float = 0.1) -> dict:
     """A QA set over the Python FAQ, from its BEIR set (`source`, e.g. tests/data/python_faq; None: built from the
     Debian FAQ first). Writes `corpus/faq.jsonl` and `qa.jsonl` as `wiki_qa` does, split by document. Each heading
@@ -150,12 +138,14 @@ def faq_qa(out: Path, source: str | None = None, phrasings: int = 2, held_out: f
     root = Path(source) if source else out / "beir"
     if not source:
         python_faq(root)
-    corpus, queries, qrels = read_beir(root)
+    corpus_path, queries, qrels = load_beir(root)
+    corpus = [json.loads(line) for line in corpus_path.read_text().splitlines() if line.strip()]
+    gold = {q: next(iter(docs)) for q, docs in qrels.items()}  # one relevant entry a question
     indexed = [d for d in corpus if not _held_out(d["_id"], held_out)]
-    asked_of_indexed = {h for q, h in queries.items() if not _held_out(qrels[q], held_out)}
+    asked_of_indexed = {h for q, h in queries.items() if not _held_out(gold[q], held_out)}
     rows = []
     for qid, heading in queries.items():
-        doc_id = qrels[qid]
+        doc_id = gold[qid]
         answerable = not _held_out(doc_id, held_out)
         if not answerable and heading in asked_of_indexed:
             continue  # the FAQ asks it twice ("What is Python?") and the other entry is indexed

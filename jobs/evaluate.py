@@ -11,6 +11,11 @@ abstention on unanswerable questions; retrieval recall@k; latency and tokens. Di
 paired bootstrap 95% intervals, and the verdict claims only the real ones. Printed as a table, written as JSON
 (with every answer beside it) and logged as an MLflow run.
 
+`evaluate.calibrate=true` (on `evaluate.split=dev`) calibrates the adapter's abstention instead: tuned + RAG answers
+undecided, each answer scored by the probability it gave abstaining, and the adapter version is tagged with the
+threshold above which abstaining answers the most questions right (tandem/abstention.py). From then on its arms with
+RAG, `jobs.validate` and the app's RAG routes abstain wherever the model gives abstaining that probability.
+
 `evaluate.freshness=N` also changes N facts in the QA set's documents, re-indexes just those documents into a
 collection of its own and asks every arm again (tandem/freshness.py): the arms with RAG should give the new fact.
 """
@@ -20,15 +25,19 @@ from __future__ import annotations
 import json
 import sys
 
+from tandem.abstention import TAG, calibrate
+from tandem.answers import Reply
 from tandem.arms import run_matrix
 from tandem.commandline import Job, run
 from tandem.config import RANKING_KEYS, require
+from tandem.errors import ConfigError
 from tandem.freshness import check_freshness, freshness_lines
 from tandem.registry import Registry
 from tandem.runtime import write_json
 
 JOB = Job("evaluate", __doc__, ("evaluate", *RANKING_KEYS, "store.uri", "model", "mlflow", "embedder.model", "ray"),
           shorthands={"adapter": "evaluate.adapter"})
+CALIBRATED = "tuned+rag"  # the arm whose abstention `evaluate.calibrate` calibrates: what the RAG routes serve
 COLUMNS = ("contains", "exact", "f1", "valid", "citation_precision", "citation_recall", "grounded", "abstained",
            "retrieved_gold")
 
@@ -41,24 +50,65 @@ def format_table(report: dict) -> str:
     for arm, s in report["arms"].items():
         cells = [f"{s['all'][c]['mean']:>11.3f}" if c in s["all"] else f"{'-':>11}" for c in COLUMNS]
         lines.append(f"{arm:<{width}}" + "".join(cells) + f"{s['latency_ms']:>11.0f}{s['completion_tokens']:>11.1f}")
+    lines += [f"{arm} abstains where it gives abstaining at least {s['abstain_threshold']:.4f} (its adapter version's "
+              f"calibration)" for arm, s in report["arms"].items() if s.get("abstain_threshold") is not None]
     fresh = freshness_lines(report["freshness"]) if "freshness" in report else []
     return "\n".join(lines + [""] + report["verdict"] + fresh)
+
+
+def calibrate_abstention(cfg, registry: Registry, matrix) -> dict:
+    """The tuned + RAG arm's answers -> the adapter version's abstention threshold, tagged on it (or removed where
+    no threshold beats greedy decoding), with the curve it was picked from."""
+    generated, scores = matrix.generated[CALIBRATED], matrix.scores[CALIBRATED]
+    if any(s["answerable"] and "contains" not in s for s in scores):
+        raise ConfigError(f"evaluate.qa={cfg.evaluate.qa}: calibration scores answers against reference answers; "
+                          "this set's questions are answered by whole documents (use a span QA set such as wiki_qa)")
+    tau, curve = calibrate([g.abstain_score for g in generated], [Reply.parse(g.text).abstained for g in generated],
+                           [s["contains"] if s["answerable"] else None for s in scores])
+    version = registry.resolve(cfg.evaluate.adapter)
+    if tau is None:
+        if TAG in version.tags:
+            registry.client.delete_model_version_tag(version.name, version.version, TAG)
+    else:
+        registry.client.set_model_version_tag(version.name, version.version, TAG, repr(tau))
+    greedy, best = curve[0], next(c for c in curve if c[0] == tau)
+    return {"adapter": f"{version.name}@{version.version}", "threshold": tau, "split": cfg.evaluate.split,
+            "right": {"greedy": round(greedy[1], 4), "calibrated": round(best[1], 4)},
+            "abstained": {"greedy": greedy[2], "calibrated": best[2]},
+            "curve": [{"threshold": t, "right": round(r, 4), "abstained": a} for t, r, a in curve]}
+
+
+def calibration_lines(c: dict) -> list[str]:
+    def share(x):
+        return "-" if x is None else f"{x:.2f}"
+
+    told = "no threshold answers more questions right than greedy decoding: none recorded" if c["threshold"] is None \
+        else f"abstention threshold {c['threshold']:.4f} recorded on {c['adapter']}"
+    return ["", f"calibration on the {c['split']} split: {told}",
+            f"  answered right: greedy {c['right']['greedy']:.3f}, calibrated {c['right']['calibrated']:.3f}; "
+            f"abstained on unanswerable: greedy {share(c['abstained']['greedy'])}, "
+            f"calibrated {share(c['abstained']['calibrated'])}"]
 
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = JOB.config(sys.argv[1:] if argv is None else argv)
     e = cfg.evaluate
     require(e.qa, "evaluate.qa")
-    matrix = run_matrix(cfg, list(e.arms))
+    if e.calibrate:
+        require(e.adapter, "evaluate.adapter")
+    arms = [CALIBRATED] if e.calibrate else list(e.arms)
+    registry = Registry.from_config(cfg)
+    matrix = run_matrix(cfg, arms)
     report = matrix.report
+    if e.calibrate:
+        report["calibration"] = calibrate_abstention(cfg, registry, matrix)
     if e.freshness:
-        report["freshness"] = check_freshness(cfg, list(e.arms), matrix.models)
-    print(format_table(report))
+        report["freshness"] = check_freshness(cfg, arms, matrix.models)
+    print(format_table(report) + "\n".join(calibration_lines(report["calibration"]) if e.calibrate else []))
     out = write_json(e.output, report)
     answers = out.with_suffix(".answers.jsonl")
     answers.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in matrix.answer_rows()))
-    registry = Registry.from_config(cfg)
-    run_id = registry.start_run(f"evaluate-{e.split}", {"qa": str(e.qa), "split": e.split, "arms": list(e.arms),
+    run_id = registry.start_run(f"evaluate-{e.split}", {"qa": str(e.qa), "split": e.split, "arms": arms,
                                                         "adapter": e.adapter, "questions": report["questions"]},
                                 {"kind": "evaluation"})
     # MLflow metric names allow no `+`: base+rag.contains is logged as base_rag.contains

@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
+from tandem.abstention import Abstention, abstention_tokens
 from tandem.engine import Completion, Engine, Row
 from tandem.gathered_lora import GatheredLoRA
 from tandem.models import load_for_inference, load_tokenizer
@@ -38,6 +39,7 @@ class HFEngine:
         self.engine = Engine(self._model, self.tokenizer, llm.max_batch_size, llm.max_adapters, lock, released,
                              lambda: self.gathered)
         self.guides = Guides(self.tokenizer)
+        self.abstention = abstention_tokens(self.tokenizer)
 
     def _model(self):
         """What runs a forward: the PEFT model while any adapter is loaded, else the plain base."""
@@ -83,8 +85,11 @@ class HFEngine:
             guide = await asyncio.to_thread(self.guides.guide, request["regex"]) if request.get("regex") else None
         except ValueError as e:  # a pattern in the caller's schema that the automaton cannot be built from
             return {"error": f"response_format cannot be enforced: {e}", "status": 400}
+        threshold = request.get("abstain_threshold")
         completion = Completion(request["prompt"], request["max_tokens"], request["temperature"], request["top_p"],
-                                tuple(request["stop"]), request.get("ignore_eos", False), guide)
+                                tuple(request["stop"]), request.get("ignore_eos", False), guide,
+                                Abstention(self.abstention, threshold, self.tokenizer.eos_token_id)
+                                if threshold else None)
         return self.engine.submit(completion, name, emit)
 
     def cancel(self, row: Row) -> None:

@@ -303,7 +303,8 @@ class Router:
         request_id = f"chatcmpl-{int(time.time()):08x}{uuid.uuid4().hex[:24]}"
         payload = {"prompt": prompt, "adapter": choice.adapter, "max_tokens": max_tokens,
                    "temperature": body.temperature or 0.0, "top_p": body.top_p or 1.0, "stop": body.stop or [],
-                   "ignore_eos": body.ignore_eos, "regex": regex}
+                   "ignore_eos": body.ignore_eos, "regex": regex,
+                   "abstain_threshold": self._threshold(route, choice.adapter)}
         events = self._generate(payload)
         record = {"request_id": request_id, "model": body.model, "route": route.name, "variant": choice.variant,
                   "adapter": choice.adapter, "key_id": key.id if key else None,
@@ -315,7 +316,9 @@ class Router:
         if route.shadow and route.canary and choice.variant == route.default_variant:
             shadow = {**record, "variant": "shadow", "adapter": route.canary,
                       "request_id": f"shadow-{request_id.removeprefix('chatcmpl-')}", "shadow_of": request_id}
-            self.shadows.add(asyncio.create_task(self._shadow({**payload, "adapter": route.canary}, shadow, sources)))
+            self.shadows.add(asyncio.create_task(self._shadow(
+                {**payload, "adapter": route.canary, "abstain_threshold": self._threshold(route, route.canary)},
+                shadow, sources)))
         try:  # the first event before any answer is sent: a full queue or an unloadable adapter is a status code
             first = await events.__anext__()
             if "error" in first and first.get("status") != 400:
@@ -360,6 +363,11 @@ class Router:
         return e if isinstance(e, APIError) else APIError(
             503, f"generation failed; the server log has the details under {record['request_id']}",
             code="llm_unavailable")
+
+    def _threshold(self, route, adapter: str | None) -> float | None:
+        """The adapter version's calibrated abstention threshold, on a RAG route (where its prompt asks for
+        abstention)."""
+        return self.table.thresholds.get(adapter) if route.cfg.rag else None
 
     def _prompt(self, messages: list[dict]) -> tuple[str, int]:
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

@@ -2,7 +2,8 @@
 
 The registry's aliases are the source of truth (`production`, `canary` on the route's adapter); a route's config may
 override either version and the canary weight. Versions are resolved to numbers here, so the LLM always receives a
-concrete, cacheable adapter id `name@number`. RAG comes first: a route whose adapter has no production version yet
+concrete, cacheable adapter id `name@number`, with the abstention threshold that version was calibrated with (tandem/
+abstention.py), if any. RAG comes first: a route whose adapter has no production version yet
 answers with the base model (variant `base`), and takes the adapter at the first refresh after it reaches production.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tandem.abstention import TAG
 from tandem.canary import BASE, CANARY, PRODUCTION, assign
 from tandem.config import route_config
 from tandem.rollout import load as load_rollout
@@ -54,6 +56,7 @@ class RouteTable:
         self.routes: dict[str, Route] = {}
         self.pins: dict[tuple[str, str], str | None] = {}
         self.versions: list[dict] = []
+        self.thresholds: dict[str, float] = {}  # adapter id -> its calibrated abstention threshold
         self.refresh()
 
     def refresh(self) -> None:
@@ -61,7 +64,9 @@ class RouteTable:
         registered versions /v1/models lists: requests never wait on the registry."""
         self.routes = {name: self._resolve(name, route_config(cfg)) for name, cfg in self.routes_cfg.items()}
         self.pins = {}  # pinned `adapter@alias` ids resolve again, as of this refresh
-        self.versions = self._versions()
+        self.versions = self._versions(self._described())
+        self.thresholds = {v["id"]: v["tandem"]["abstain_threshold"] for v in self.versions
+                           if v["tandem"]["abstain_threshold"] is not None}
 
     def _version(self, adapter: str, which: str) -> str | None:
         from mlflow.exceptions import MlflowException
@@ -117,22 +122,29 @@ class RouteTable:
                             "production": r.production, "canary": r.canary, "canary_weight": r.weight,
                             "shadow": r.shadow}} for r in self.routes.values()] + self.versions
 
-    def _versions(self) -> list[dict]:
+    def _described(self) -> list[dict]:
+        """The registry's description of every adapter a route serves."""
         from mlflow.exceptions import MlflowException
 
-        data = []
+        described = []
         for adapter in sorted({r.cfg.adapter for r in self.routes.values() if r.cfg.adapter}):
             try:
-                described = self.registry.describe(adapter)
+                described += self.registry.describe(adapter)
             except MlflowException:  # not registered yet: the route's entry says so
                 continue
-            for desc in described:
-                by_version: dict[str, list[str]] = {}
-                for alias, version in desc["aliases"].items():
-                    by_version.setdefault(str(version), []).append(alias)
-                for v in desc["versions"]:
-                    data.append({"id": f"{adapter}@{v['version']}", "object": "model", "created": 0,
-                                 "owned_by": "tandem", "parent": self.base_name,
-                                 "tandem": {"kind": "adapter", "aliases": sorted(by_version.get(str(v["version"]), [])),
-                                            "dataset": v["tags"].get("dataset")}})
+        return described
+
+    def _versions(self, described: list[dict]) -> list[dict]:
+        """Every version of the routes' adapters as a /v1/models entry, with its aliases, dataset and threshold."""
+        data = []
+        for desc in described:
+            by_version: dict[str, list[str]] = {}
+            for alias, version in desc["aliases"].items():
+                by_version.setdefault(str(version), []).append(alias)
+            for v in desc["versions"]:
+                data.append({"id": f"{desc['name']}@{v['version']}", "object": "model", "created": 0,
+                             "owned_by": "tandem", "parent": self.base_name,
+                             "tandem": {"kind": "adapter", "aliases": sorted(by_version.get(str(v["version"]), [])),
+                                        "dataset": v["tags"].get("dataset"),
+                                        "abstain_threshold": float(v["tags"][TAG]) if TAG in v["tags"] else None}})
         return data

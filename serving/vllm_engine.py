@@ -57,6 +57,7 @@ class VLLMEngine:
         self.ids: dict[str, int] = {}  # adapter -> vLLM's int id (1, 2, ...), one per adapter for the replica's life
         self.paths: dict[str, str] = {}  # adapters loaded -> their verified local paths
         self.users: Counter = Counter()  # adapter -> requests running
+        self.greedy: set[str] = set()  # adapters with an abstention threshold this engine does not apply (warned)
         self.tasks: dict[str, asyncio.Task] = {}  # request id -> the task relaying its events
         self.cancelled = 0
 
@@ -72,6 +73,10 @@ class VLLMEngine:
         return True
 
     async def start(self, request: dict, name: str | None, emit: Callable[[dict], None]) -> str:
+        if request.get("abstain_threshold") and name not in self.greedy:
+            self.greedy.add(name)
+            logger.warning("adapter %s has a calibrated abstention threshold; the vllm engine does not steer to "
+                           "abstention and decodes it as it is (serve.llm.engine=hf applies the threshold)", name)
         request_id = uuid.uuid4().hex
         sampling = {"max_tokens": request["max_tokens"], "temperature": request["temperature"],
                     "top_p": request["top_p"], "stop": list(request["stop"]) or None,

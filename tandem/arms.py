@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from tandem.abstention import TAG, Abstention, abstention_tokens
 from tandem.answers import Reply, comparisons, score_answer, summarize, verdict
 from tandem.errors import ConfigError
 from tandem.generation import Generated, generate_replies
@@ -52,7 +53,21 @@ class Models:
         self.tokenizer = load_tokenizer(self.base)
         self.model = load_for_inference(self.base.path)
         self.guides = Guides(self.tokenizer)
+        self.abstention = abstention_tokens(self.tokenizer)
         self._registry = None
+
+    @property
+    def registry(self):
+        from tandem.registry import Registry
+
+        if self._registry is None:
+            self._registry = Registry.from_config(self.cfg)
+        return self._registry
+
+    def threshold(self, ref: str) -> float | None:
+        """The adapter version's calibrated abstention threshold (tandem/abstention.py), None before calibration."""
+        tags = self.registry.resolve(ref).tags
+        return float(tags[TAG]) if TAG in tags else None
 
     @contextlib.contextmanager
     def use(self, ref: str | None):
@@ -60,17 +75,14 @@ class Models:
         from peft import PeftModel
 
         from tandem.adapters import verify_adapter
-        from tandem.registry import Registry
 
         if ref is None:
             isolated = isinstance(self.model, PeftModel)
             with self.model.disable_adapter() if isolated else contextlib.nullcontext():
                 yield self.model
             return
-        if self._registry is None:
-            self._registry = Registry.from_config(self.cfg)
         if not isinstance(self.model, PeftModel) or ref not in self.model.peft_config:
-            path = self._registry.download(ref)
+            path = self.registry.download(ref)
             verify_adapter(path, self.base.sha256)
             if isinstance(self.model, PeftModel):
                 self.model.load_adapter(str(path), adapter_name=ref)
@@ -80,11 +92,13 @@ class Models:
         yield self.model
 
     def answer(self, ref: str | None, prompts: list[list[dict]], max_new_tokens: int, batch_size: int,
-               formats: list[dict] | None = None) -> list[Generated]:
-        """Greedy answers; `formats` (a response_format per prompt) constrain their decoding."""
+               formats: list[dict] | None = None, threshold: float | None = None) -> list[Generated]:
+        """Greedy answers, each scored for how likely it was to abstain; `formats` (a response_format per prompt)
+        constrain their decoding, and `threshold` steers them to the abstention reply (tandem/abstention.py)."""
         guides = [self.guides.guide(response_regex(f)) for f in formats] if formats else None
         with self.use(ref) as model:
-            return generate_replies(model, self.tokenizer, prompts, max_new_tokens, batch_size, guides)
+            return generate_replies(model, self.tokenizer, prompts, max_new_tokens, batch_size, guides,
+                                    Abstention(self.abstention, threshold, self.tokenizer.eos_token_id))
 
 
 @dataclass
@@ -102,9 +116,16 @@ class Matrix:
         """Every answer beside its question, the passages it saw and its scores."""
         return [{"arm": arm, "id": q["id"], "kind": q["kind"], "question": q["question"], "references": q["answers"],
                  "passages": [p["doc_id"] for p in ps] if self.rag[arm] else [], "reply": g.text, "scores": s,
-                 "latency_ms": g.latency_ms, "completion_tokens": g.completion_tokens}
+                 "latency_ms": g.latency_ms, "completion_tokens": g.completion_tokens, "abstain_score": g.abstain_score}
                 for arm in self.generated
                 for q, ps, g, s in zip(self.questions, self.passages, self.generated[arm], self.scores[arm])]
+
+
+def arm_threshold(models: Models, cfg, arm: str) -> float | None:
+    """The abstention threshold an arm answers with: its adapter version's, with RAG, as the app's RAG routes
+    serve it; none while that threshold is being calibrated (`evaluate.calibrate`)."""
+    ref, rag, _ = parse_arm(arm, cfg.evaluate.adapter)
+    return models.threshold(ref) if ref and rag and not cfg.evaluate.calibrate else None
 
 
 def ask(models: Models, cfg, arm: str, questions: list[dict], passages: list[list[dict]]) -> list[Generated]:
@@ -113,13 +134,15 @@ def ask(models: Models, cfg, arm: str, questions: list[dict], passages: list[lis
     given = [ps if rag else [] for ps in passages]
     prompts = [rag_messages(q["question"], [p["text"] for p in ps]) for q, ps in zip(questions, given)]
     formats = [answer_format(len(ps)) for ps in given] if guided else None
-    return models.answer(ref, prompts, cfg.evaluate.max_new_tokens, cfg.evaluate.batch_size, formats)
+    return models.answer(ref, prompts, cfg.evaluate.max_new_tokens, cfg.evaluate.batch_size, formats,
+                         arm_threshold(models, cfg, arm))
 
 
-def summary(scores: list[dict], generated: list[Generated], questions: list[dict], kinds: list[str]) -> dict:
-    """One arm: its metrics over all questions and per kind, and its mean latency and tokens."""
+def summary(scores: list[dict], generated: list[Generated], questions: list[dict], kinds: list[str],
+            threshold: float | None) -> dict:
+    """One arm: its metrics over all questions and per kind, its abstention threshold, mean latency and tokens."""
     by_kind = {k: summarize([s for s, q in zip(scores, questions) if q["kind"] == k]) for k in kinds}
-    return {"all": summarize(scores), "by_kind": by_kind,
+    return {"all": summarize(scores), "by_kind": by_kind, "abstain_threshold": threshold,
             **{key: round(sum(getattr(g, key) for g in generated) / len(generated), 1)
                for key in ("latency_ms", "prompt_tokens", "completion_tokens")}}
 
@@ -135,11 +158,12 @@ def run_matrix(cfg, arms: list[str], models: Models | None = None) -> Matrix:
     passages = passages_for(cfg, [Path(e.qa) / "corpus"], questions, e.collection, e.k, e.mode) \
         if any(rag.values()) else [[] for _ in questions]
     models = models or Models(cfg)
+    thresholds = {arm: arm_threshold(models, cfg, arm) for arm in arms}
     generated = {arm: ask(models, cfg, arm, questions, passages) for arm in arms}
     scores = {arm: [score_answer(Reply.parse(g.text), q["answers"], q["gold_docs"], ps if rag[arm] else [])
                     for q, ps, g in zip(questions, passages, gs)] for arm, gs in generated.items()}
     kinds = sorted({q["kind"] for q in questions})
-    summaries = {arm: summary(scores[arm], generated[arm], questions, kinds) for arm in arms}
+    summaries = {arm: summary(scores[arm], generated[arm], questions, kinds, thresholds[arm]) for arm in arms}
     compared = comparisons(scores, e.bootstrap)
     report = {"qa": str(e.qa), "split": e.split, "adapter": e.adapter, "questions": len(questions),
               "kinds": {k: sum(q["kind"] == k for q in questions) for k in kinds}, "k": e.k, "mode": e.mode,

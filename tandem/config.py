@@ -123,6 +123,9 @@ class EvaluateConfig:
     bootstrap: int = 2000  # resamples for the paired confidence intervals
     freshness: int = 0  # facts changed, re-indexed and asked again of every arm (tandem/freshness.py); 0: none
     freshness_collection: str = "${evaluate.collection}_fresh"  # where the changed documents are indexed
+    # tuned + RAG answers the split (dev) undecided, and the adapter version gets the abstention threshold that
+    # answers the most questions right (tandem/abstention.py); its later arms with RAG, and the app, use it
+    calibrate: bool = False
     output: str = "${workdir}/evaluate/${evaluate.split}.json"
 
 

@@ -40,6 +40,8 @@ class Completion:
     ignore_eos: bool = False  # generate exactly max_tokens (benchmarks; vLLM's extension of the same name)
     # structured output: an outlines-core Guide (tandem/structured.py) saying which tokens may come next
     guide: object = None
+    # calibrated abstention: an Abstention (tandem/abstention.py) steering it to the abstention reply
+    abstention: object = None
 
 
 @dataclass(eq=False)
@@ -239,6 +241,9 @@ class Engine:
         guided = [(i, r.completion.guide) for i, r in enumerate(rows)
                   if r.completion.guide is not None and r.finish is None and not r.cancelled]
         mask_logits(logits, guided)
+        for i, r in enumerate(rows):
+            if r.completion.abstention is not None and r.finish is None and not r.cancelled:
+                r.completion.abstention.steer(r.ids, logits[i])
         tokens = logits.argmax(dim=-1)
         for i, row in enumerate(rows):
             c = row.completion

@@ -65,6 +65,48 @@ def test_paired_bootstrap_claims_only_real_differences():
     assert not flat["significant"] and flat["low"] < 0 < flat["high"]
 
 
+def test_abstention_is_steered_only_on_the_reply_and_above_its_threshold():
+    """While a row has written the abstention reply's first tokens, its next one is forced where the model gives it at
+    least the threshold, and the probability is returned; off the reply nothing changes and nothing is returned."""
+    import torch
+
+    from tandem.abstention import Abstention
+
+    reply = (5, 7, 9)
+    logits = torch.log(torch.tensor([0.1, 0.2, 0.3, 0.1, 0.0, 0.0, 0.0, 0.3, 0.0, 0.0]) + 1e-12)
+    steered = logits.clone()
+    assert Abstention(reply, 0.25).steer([5], steered) == pytest.approx(0.3, abs=1e-6)
+    assert steered.argmax() == 7 and torch.isinf(steered).sum() == 9  # forced: 0.3 >= 0.25, though 2 ties it
+    kept = logits.clone()
+    assert Abstention(reply, 0.5).steer([5], kept) == pytest.approx(0.3, abs=1e-6) and torch.equal(kept, logits)
+    assert Abstention(reply).steer([5], kept) is not None and torch.equal(kept, logits)  # measured, never forced
+    assert Abstention(reply, 0.01).steer([5, 8], kept) is None and torch.equal(kept, logits)  # left the reply
+    assert Abstention(reply, 0.01, eos=0).steer([5, 7, 9], kept) is None  # the reply is written: it ends
+    assert kept.argmax() == 0 and torch.isinf(kept).sum() == 9
+    with pytest.raises(ValueError, match="abstain threshold 1.5: expected a probability in"):
+        Abstention(reply, 1.5)
+
+
+def test_calibration_picks_the_threshold_that_answers_the_most_questions_right():
+    """Per question: the probability the model gave abstaining, whether greedy decoding abstained, and whether its
+    answer was right (None: unanswerable). Unanswerable questions score high, a wrong answer scores between."""
+    from tandem.abstention import calibrate
+
+    scores = [0.40, 0.35, 0.9, 0.05, 0.10, 0.30, 0.20]
+    abstained = [False, False, True, False, False, False, False]
+    right = [None, None, None, 1.0, 1.0, 0.0, 1.0]
+    tau, curve = calibrate(scores, abstained, right)
+    # abstains on both unanswerables it answered: 6 of 7 right; abstaining on the wrong answer too (0.30) gains
+    # nothing, as an answerable question is right only when answered right, and ties go to the higher threshold
+    assert tau == 0.35
+    assert curve[0] == (None, 4 / 7, 1 / 3)  # greedy: 3 answers right, 1 abstention of 3
+    assert max(c[1] for c in curve) == 6 / 7 and dict((t, a) for t, _, a in curve)[0.35] == 1.0
+    assert calibrate([0.1, 0.6], [False, True], [1.0, None])[0] is None  # nothing beats greedy: no threshold
+    assert calibrate([0.5, 0.5], [False, False], [None, 0.0])[0] == 0.5  # ties go to the highest threshold
+    with pytest.raises(ValueError, match="one score, abstention and outcome per question: got 2, 1, 2"):
+        calibrate([0.1, 0.2], [False], [None, 1.0])
+
+
 def test_wiki_qa_is_split_by_document_with_unanswerable_questions(tmp_path):
     stats = wiki_qa(tmp_path, str(wiki_source()))
     rows = [json.loads(line) for line in (tmp_path / "qa.jsonl").read_text().splitlines()]
@@ -194,3 +236,41 @@ def test_decision_matrix_on_held_out_questions_and_fresh_facts(ray_cluster, milv
     text = page.read_text()
     assert "Answer quality" in text and report["verdict"][0] in text and "does not exist yet" in text
     assert "3 facts changed and re-indexed" in text
+
+
+def test_calibration_tags_the_adapter_version_and_its_rag_arms_abstain_by_it(serve_cfg, milvus_server, small_qa,
+                                                                             tmp_path):
+    """`evaluate.calibrate=true`: tuned + RAG answers undecided, the threshold that answers the most questions right
+    is recorded on the adapter version (none where greedy decoding does as well), and from then on the version's arms
+    with RAG abstain wherever the model gives abstaining that probability; its arms without RAG are not steered."""
+    from jobs.evaluate import main as evaluate_main
+    from tandem.abstention import TAG
+    from tandem.prompts import rag_answer
+    from tandem.registry import Registry
+
+    registry = Registry.from_config(serve_cfg)
+    common = [f"evaluate.qa={small_qa}", f"store.uri={milvus_server}", "evaluate.collection=qa_small",
+              "evaluate.max_questions=6", "evaluate.max_new_tokens=16", "evaluate.bootstrap=50",
+              "embedder.num_cpus=0.5"]
+    try:
+        report = evaluate_main([*common, "adapter=ro@2", "evaluate.split=dev", "evaluate.calibrate=true",
+                                f"evaluate.output={tmp_path / 'calibration.json'}"])
+        c = report["calibration"]
+        assert list(report["arms"]) == ["tuned+rag"] and c["adapter"] == "ro@2" and c["curve"][0]["threshold"] is None
+        assert c["right"]["calibrated"] == max(p["right"] for p in c["curve"]) >= c["right"]["greedy"]
+        tags = registry.client.get_model_version("ro", "2").tags
+        assert (float(tags[TAG]) if TAG in tags else None) == c["threshold"]
+        answers = [json.loads(a) for a in (tmp_path / "calibration.answers.jsonl").read_text().splitlines()]
+        assert len(answers) == 6 and all(0 <= a["abstain_score"] <= 1 for a in answers)
+
+        registry.client.set_model_version_tag("ro", "2", TAG, "1e-09")
+        steered = evaluate_main([*common, "adapter=ro@2", "evaluate.arms=[tuned+rag,tuned]",
+                                 f"evaluate.output={tmp_path / 'steered.json'}"])
+    finally:
+        registry.client.delete_model_version_tag("ro", "2", TAG)
+    assert steered["arms"]["tuned+rag"]["abstain_threshold"] == 1e-09
+    assert steered["arms"]["tuned"]["abstain_threshold"] is None
+    replies = [json.loads(a) for a in (tmp_path / "steered.answers.jsonl").read_text().splitlines()]
+    assert all(r["reply"] == rag_answer("", []) for r in replies if r["arm"] == "tuned+rag"), replies
+    assert any(r["reply"] != rag_answer("", []) for r in replies if r["arm"] == "tuned")
+

@@ -192,6 +192,37 @@ def test_guided_rows_answer_in_their_schema_beside_free_rows(mixed):
         response_regex({"type": "json_schema", "json_schema": {"name": "x"}})
 
 
+def test_calibrated_abstention_steers_the_engine_as_it_steers_evaluation(mixed):
+    """An adapter's abstention threshold steers a row to the abstention reply wherever the model gives the reply's
+    next token that probability: the app's engine and the evaluation's generate agree, under the answer's guide; a
+    threshold above what the model gives changes nothing. (This random adapter gives the reply's tokens 0.11 or
+    more, and writes `{ "answer": ...` when left alone.)"""
+    from tandem.abstention import Abstention, abstention_tokens
+    from tandem.generation import generate_replies
+    from tandem.prompts import answer_format, rag_answer, rag_messages
+    from tandem.structured import Guides, response_regex
+
+    model, tokenizer = mixed
+    guides, reply = Guides(tokenizer), abstention_tokens(tokenizer)
+    regex = response_regex(answer_format(1))
+    conversation = rag_messages("Who wrote Hamlet?", ["Hamlet is a tragedy by William Shakespeare."])
+    model.set_adapter("red")
+
+    def offline(threshold):
+        return generate_replies(model, tokenizer, [conversation], 24, 1, [guides.guide(regex)],
+                                Abstention(reply, threshold))[0]
+
+    greedy = offline(None)
+    assert 0.1 < greedy.abstain_score < 0.5 and "Shakespeare" in greedy.text
+    assert offline(greedy.abstain_score + 0.01).text == greedy.text
+    engine = Engine(lambda: model, tokenizer, max_batch_size=2, max_adapters=2)
+    served = Collector()
+    engine.submit(Completion(tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False),
+                             24, guide=guides.guide(regex), abstention=Abstention(reply, 0.1)), "red", served)
+    served.wait(finished)
+    assert served.text() == offline(0.1).text == rag_answer("", [])
+
+
 def test_gathered_lora_matches_pefts_mixed_batch(mixed):
     """One batched matmul per layer over stacked adapters gives PEFT's mixed-batch logits: rows of two adapters, the
     base, and a third adapter of another rank on another layer set (zero-padded in the stacks)."""

@@ -63,18 +63,19 @@ def calibrate_abstention(cfg, registry: Registry, matrix) -> dict:
     if any(s["answerable"] and "contains" not in s for s in scores):
         raise ConfigError(f"evaluate.qa={cfg.evaluate.qa}: calibration scores answers against reference answers; "
                           "this set's questions are answered by whole documents (use a span QA set such as wiki_qa)")
-    tau, curve = calibrate([g.abstain_score for g in generated], [Reply.parse(g.text).abstained for g in generated],
-                           [s["contains"] if s["answerable"] else None for s in scores])
+    tau, curve, gain = calibrate([g.abstain_score for g in generated],
+                                 [Reply.parse(g.text).abstained for g in generated],
+                                 [s["contains"] if s["answerable"] else None for s in scores], cfg.evaluate.bootstrap)
     version = registry.resolve(cfg.evaluate.adapter)
     if tau is None:
         if TAG in version.tags:
             registry.client.delete_model_version_tag(version.name, version.version, TAG)
     else:
         registry.client.set_model_version_tag(version.name, version.version, TAG, repr(tau))
-    greedy, best = curve[0], next(c for c in curve if c[0] == tau)
+    greedy, best = curve[0], max(curve, key=lambda c: c[1])
     return {"adapter": f"{version.name}@{version.version}", "threshold": tau, "split": cfg.evaluate.split,
-            "right": {"greedy": round(greedy[1], 4), "calibrated": round(best[1], 4)},
-            "abstained": {"greedy": greedy[2], "calibrated": best[2]},
+            "best": best[0], "gain": gain, "right": {"greedy": round(greedy[1], 4), "best": round(best[1], 4)},
+            "abstained": {"greedy": greedy[2], "best": best[2]},
             "curve": [{"threshold": t, "right": round(r, 4), "abstained": a} for t, r, a in curve]}
 
 
@@ -82,12 +83,15 @@ def calibration_lines(c: dict) -> list[str]:
     def share(x):
         return "-" if x is None else f"{x:.2f}"
 
-    told = "no threshold answers more questions right than greedy decoding: none recorded" if c["threshold"] is None \
-        else f"abstention threshold {c['threshold']:.4f} recorded on {c['adapter']}"
+    gain = c["gain"]
+    told = f"abstention threshold {c['threshold']:.4f} recorded on {c['adapter']}" if c["threshold"] is not None \
+        else f"no threshold answers significantly more questions right than greedy decoding: none on {c['adapter']}"
+    best = "-" if c["best"] is None else f"{c['best']:.4f}"
     return ["", f"calibration on the {c['split']} split: {told}",
-            f"  answered right: greedy {c['right']['greedy']:.3f}, calibrated {c['right']['calibrated']:.3f}; "
-            f"abstained on unanswerable: greedy {share(c['abstained']['greedy'])}, "
-            f"calibrated {share(c['abstained']['calibrated'])}"]
+            f"  answered right: greedy {c['right']['greedy']:.3f}, at the best threshold ({best}) "
+            f"{c['right']['best']:.3f} ({gain['delta']:+.3f}, 95% CI {gain['low']:+.3f}..{gain['high']:+.3f}); "
+            f"abstained on unanswerable: greedy {share(c['abstained']['greedy'])}, at the best threshold "
+            f"{share(c['abstained']['best'])}"]
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -19,7 +19,9 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from serving.vllm_worker import VLLMWorker
+from tandem.abstention import abstention_tokens
 from tandem.errors import ConfigError
+from tandem.models import load_tokenizer
 
 logger = logging.getLogger("ray.serve")
 
@@ -46,6 +48,8 @@ class VLLMEngine:
         engine_args = {"dtype": v.dtype, "max_model_len": llm.max_context or None, "max_loras": llm.max_adapters,
                        "max_lora_rank": v.max_lora_rank, "max_num_seqs": llm.max_batch_size,
                        "enforce_eager": v.enforce_eager, "gpu_memory_utilization": v.gpu_memory_utilization}
+        tokenizer = load_tokenizer(base)  # the base's own: the abstention reply as vLLM's tokenizer writes it
+        self.abstention, self.eos = abstention_tokens(tokenizer), tokenizer.eos_token_id
         here = ray.get_runtime_context().get_node_id()
         self.worker = ray.remote(VLLMWorker).options(
             num_cpus=v.num_cpus, num_gpus=llm.num_gpus,
@@ -57,7 +61,6 @@ class VLLMEngine:
         self.ids: dict[str, int] = {}  # adapter -> vLLM's int id (1, 2, ...), one per adapter for the replica's life
         self.paths: dict[str, str] = {}  # adapters loaded -> their verified local paths
         self.users: Counter = Counter()  # adapter -> requests running
-        self.greedy: set[str] = set()  # adapters with an abstention threshold this engine does not apply (warned)
         self.tasks: dict[str, asyncio.Task] = {}  # request id -> the task relaying its events
         self.cancelled = 0
 
@@ -73,14 +76,13 @@ class VLLMEngine:
         return True
 
     async def start(self, request: dict, name: str | None, emit: Callable[[dict], None]) -> str:
-        if request.get("abstain_threshold") and name not in self.greedy:
-            self.greedy.add(name)
-            logger.warning("adapter %s has a calibrated abstention threshold; the vllm engine does not steer to "
-                           "abstention and decodes it as it is (serve.llm.engine=hf applies the threshold)", name)
         request_id = uuid.uuid4().hex
         sampling = {"max_tokens": request["max_tokens"], "temperature": request["temperature"],
                     "top_p": request["top_p"], "stop": list(request["stop"]) or None,
                     "ignore_eos": request.get("ignore_eos", False)}
+        if threshold := request.get("abstain_threshold"):  # serving/vllm_abstention.py applies it
+            sampling["extra_args"] = {"abstention": {"tokens": list(self.abstention), "threshold": threshold,
+                                                     "eos": self.eos}}
         lora = (name, self.ids[name], self.paths[name]) if name is not None else None
         stream = self.worker.generate.options(num_returns="streaming").remote(
             request_id, request["prompt"], sampling, lora, request.get("regex"))

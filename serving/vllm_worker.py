@@ -2,9 +2,10 @@
 
 vLLM pins transformers and torch extras that the project's environment must not take, so this actor is started with
 `runtime_env={"py_executable": <serve.llm.vllm.python>}` (the LLM deployment does it, `serving/vllm_engine.py`) and
-imports nothing from the project: only vllm and what Ray's worker needs. It receives prompts with the chat template
-applied, sampling settings as a dict and LoRA adapters as (name, id, local path) already checked by the deployment,
-and streams one event per engine step in the HF engine's shape.
+imports from the project only what runs on torch alone: the calibrated-abstention rule, as a vLLM logits processor
+(`serving/vllm_abstention.py`). It receives prompts with the chat template applied, sampling settings as a dict (an
+abstention rule in `extra_args`) and LoRA adapters as (name, id, local path) already checked by the deployment, and
+streams one event per engine step in the HF engine's shape.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ class VLLMWorker:
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model, enable_lora=True, **engine_args))
+        from serving.vllm_abstention import AbstentionLogitsProcessor
+
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
+            model=model, enable_lora=True, logits_processors=[AbstentionLogitsProcessor], **engine_args))
 
     async def add_lora(self, name: str, lora_id: int, path: str) -> None:
         """Loads the adapter now, so one vLLM cannot load fails where it is asked for, not inside a batch."""

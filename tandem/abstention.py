@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tandem.answers import compare
 from tandem.prompts import rag_answer
 
 TAG = "abstain_threshold"  # the adapter version's tag holding its τ
@@ -77,21 +78,25 @@ class AbstentionLogits:
         return scores
 
 
-def calibrate(scores: list[float], abstained: list[bool], right: list[float | None]) -> tuple[float | None, list]:
-    """The τ under which the most questions are answered right, and the curve [(τ, share right, abstention on
-    unanswerable)] it was picked from. Per question: the model's score, whether greedy decoding abstained, and
-    whether its answer was right (None: the question has no answer, so abstaining is right). A question abstains
-    under τ where greedy decoding did or its score reaches τ; ties go to the higher τ (fewer abstentions); None: no
-    threshold does better than greedy decoding."""
+def calibrate(scores: list[float], abstained: list[bool], right: list[float | None],
+              samples: int = 2000) -> tuple[float | None, list, dict]:
+    """The τ under which the most questions are answered right; the curve [(τ, share right, abstention on
+    unanswerable)] it was picked from; and its gain over greedy decoding with a paired bootstrap interval. Per
+    question: the model's score, whether greedy decoding abstained, and whether its answer was right (None: the
+    question has no answer, so abstaining is right). A question abstains under τ where greedy decoding did or its
+    score reaches τ; ties go to the higher τ (fewer abstentions). None where no τ answers significantly more
+    questions right than greedy decoding: a threshold fitted to a few unanswerable questions costs right answers on
+    the next ones (the demo's 60-step adapter, 24 of them: +0.03 on dev, -0.04 correctness on test)."""
     if not scores or not len(scores) == len(abstained) == len(right):
         raise ValueError(f"calibration needs one score, abstention and outcome per question: got {len(scores)}, "
                          f"{len(abstained)}, {len(right)}")
     unanswerable = sum(r is None for r in right)
-    curve = []
+    curve, outcomes = [], {}
     for tau in [None, *sorted({s for s, a in zip(scores, abstained) if not a}, reverse=True)]:
         abstains = [a or (tau is not None and s >= tau) for s, a in zip(scores, abstained)]
-        correct = [float(a) if r is None else (0.0 if a else r) for a, r in zip(abstains, right)]
-        curve.append((tau, sum(correct) / len(correct),
+        outcomes[tau] = [float(a) if r is None else (0.0 if a else r) for a, r in zip(abstains, right)]
+        curve.append((tau, sum(outcomes[tau]) / len(right),
                       sum(a for a, r in zip(abstains, right) if r is None) / unanswerable if unanswerable else None))
-    best = max(curve, key=lambda c: c[1])  # the first best: the highest τ
-    return best[0], curve
+    best = max(curve, key=lambda c: c[1])[0]  # the first best: the highest τ
+    gain = compare([{"right": x} for x in outcomes[None]], [{"right": x} for x in outcomes[best]], "right", samples)
+    return (best if gain["significant"] and gain["delta"] > 0 else None), curve, gain

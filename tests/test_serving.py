@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from pathlib import Path
@@ -113,29 +114,44 @@ def test_a_guided_route_answers_in_the_rag_shape_without_an_adapter(client):
     assert set(json.loads(own.choices[0].message.content)) == {"title"}
 
 
-def test_a_calibrated_adapter_version_abstains_above_its_threshold(client, serve_cfg):
-    """An adapter version tagged with an abstention threshold (`jobs.evaluate evaluate.calibrate=true` records it)
-    answers a RAG route with the abstention reply wherever the model gives it that probability: at a threshold this
-    low, always, and the reply ends there. /v1/models shows each version's threshold."""
+@contextlib.contextmanager
+def calibrated(client, serve_cfg, version: str, threshold: str):
+    """The adapter version tagged with an abstention threshold (as `evaluate.calibrate=true` tags it) while the block
+    runs; on entry and on exit, until the app's routers have seen the change (a request is served from the table of
+    the last refresh, so later tests get the version as it was)."""
     from tandem.abstention import TAG
+
+    def seen(value):
+        deadline = time.monotonic() + 30
+        while {m.id: m.model_extra for m in client.models.list().data}[version]["tandem"]["abstain_threshold"] != value:
+            assert time.monotonic() < deadline, f"the routers did not see {version}'s threshold become {value}"
+            time.sleep(0.5)
+
+    name, number = version.split("@")
+    registry = Registry.from_config(serve_cfg).client
+    registry.set_model_version_tag(name, number, TAG, threshold)
+    try:
+        seen(float(threshold))
+        yield
+    finally:
+        registry.delete_model_version_tag(name, number, TAG)
+        seen(None)
+
+
+def test_a_calibrated_adapter_version_abstains_above_its_threshold(client, serve_cfg):
+    """An adapter version tagged with an abstention threshold answers a RAG route with the abstention reply wherever
+    the model gives it that probability: at a threshold this low, always, and the reply ends there. /v1/models shows
+    each version's threshold."""
     from tandem.prompts import rag_answer
 
-    registry = Registry.from_config(serve_cfg)
     asked = [{"role": "user", "content": QUESTION}]
     free = client.chat.completions.create(model="assistant@3", messages=asked, max_tokens=24)
-    registry.client.set_model_version_tag("demo", "3", TAG, "1e-09")
-    try:
-        deadline = time.monotonic() + 30
-        while {m.id: m.model_extra for m in client.models.list().data}["demo@3"]["tandem"]["abstain_threshold"] is None:
-            assert time.monotonic() < deadline, "the routers did not pick up the threshold"
-            time.sleep(0.5)
+    with calibrated(client, serve_cfg, "demo@3", "1e-09"):
         steered = client.chat.completions.create(model="assistant@3", messages=asked, max_tokens=24)
-    finally:
-        registry.client.delete_model_version_tag("demo", "3", TAG)
+        versions = {m.id: m.model_extra["tandem"] for m in client.models.list().data if "@" in m.id}
     assert free.choices[0].message.content != rag_answer("", [])
     assert steered.choices[0].message.content == rag_answer("", []) and steered.choices[0].finish_reason == "stop"
-    versions = {m.id: m.model_extra["tandem"] for m in client.models.list().data if "@" in m.id}
-    assert versions["demo@1"]["abstain_threshold"] is None
+    assert versions["demo@3"]["abstain_threshold"] == 1e-09 and versions["demo@1"]["abstain_threshold"] is None
 
 
 def test_streaming_matches_the_whole_answer(client):

@@ -9,7 +9,7 @@ import time
 
 import httpx
 import pytest
-from test_serving import QUESTION, _concurrent, reference_answer
+from test_serving import QUESTION, _concurrent, calibrated, reference_answer
 
 from tandem.errors import ConfigError
 from tandem.prompts import parse_rag_answer
@@ -79,21 +79,12 @@ def test_vllm_streams_stops_and_follows_the_answer_shape(vllm_app):
 def test_vllm_steers_a_calibrated_adapter_version_to_abstention(vllm_app, serve_cfg):
     """An adapter version's abstention threshold steers its answers on vLLM as on the HF engine (a logits processor
     in vLLM's engine, serving/vllm_abstention.py): at a threshold this low, the abstention reply, ended there."""
-    from tandem.abstention import TAG
     from tandem.prompts import rag_answer
-    from tandem.registry import Registry
 
-    client, asked = vllm_app["client"], [{"role": "user", "content": QUESTION}]
-    registry = Registry.from_config(serve_cfg)
-    registry.client.set_model_version_tag("demo", "3", TAG, "1e-09")
-    try:
-        deadline = time.monotonic() + 30
-        while {m.id: m.model_extra for m in client.models.list().data}["demo@3"]["tandem"]["abstain_threshold"] is None:
-            assert time.monotonic() < deadline, "the routers did not pick up the threshold"
-            time.sleep(0.5)
-        steered = client.chat.completions.create(model="assistant@3", messages=asked, max_tokens=24)
-    finally:
-        registry.client.delete_model_version_tag("demo", "3", TAG)
+    client = vllm_app["client"]
+    with calibrated(client, serve_cfg, "demo@3", "1e-09"):
+        steered = client.chat.completions.create(model="assistant@3", max_tokens=24,
+                                                 messages=[{"role": "user", "content": QUESTION}])
     assert steered.choices[0].message.content == rag_answer("", []) and steered.choices[0].finish_reason == "stop"
 
 

@@ -13,8 +13,9 @@ paired bootstrap 95% intervals, and the verdict claims only the real ones. Print
 
 `evaluate.calibrate=true` (on `evaluate.split=dev`) calibrates the adapter's abstention instead: tuned + RAG answers
 undecided, each answer scored by the probability it gave abstaining, and the adapter version is tagged with the
-threshold above which abstaining answers the most questions right (tandem/abstention.py). From then on its arms with
-RAG, `jobs.validate` and the app's RAG routes abstain wherever the model gives abstaining that probability.
+threshold above which abstaining answers the most questions right, where that is significantly more than greedy
+decoding answers (tandem/abstention.py). From then on its arms with RAG, `jobs.validate` and the app's RAG routes
+abstain wherever the model gives abstaining that probability.
 
 `evaluate.freshness=N` also changes N facts in the QA set's documents, re-indexes just those documents into a
 collection of its own and asks every arm again (tandem/freshness.py): the arms with RAG should give the new fact.
@@ -58,25 +59,25 @@ def format_table(report: dict) -> str:
 
 def calibrate_abstention(cfg, registry: Registry, matrix) -> dict:
     """The tuned + RAG arm's answers -> the adapter version's abstention threshold, tagged on it (or removed where
-    no threshold beats greedy decoding), with the curve it was picked from."""
+    none does significantly better than greedy decoding), with the curve it was picked from."""
     generated, scores = matrix.generated[CALIBRATED], matrix.scores[CALIBRATED]
     if any(s["answerable"] and "contains" not in s for s in scores):
         raise ConfigError(f"evaluate.qa={cfg.evaluate.qa}: calibration scores answers against reference answers; "
                           "this set's questions are answered by whole documents (use a span QA set such as wiki_qa)")
-    tau, curve, gain = calibrate([g.abstain_score for g in generated],
-                                 [Reply.parse(g.text).abstained for g in generated],
-                                 [s["contains"] if s["answerable"] else None for s in scores], cfg.evaluate.bootstrap)
+    found = calibrate([g.abstain_score for g in generated], [Reply.parse(g.text).abstained for g in generated],
+                      [s["contains"] if s["answerable"] else None for s in scores], cfg.evaluate.bootstrap)
+    tau = found.threshold
     version = registry.resolve(cfg.evaluate.adapter)
     if tau is None:
         if TAG in version.tags:
             registry.client.delete_model_version_tag(version.name, version.version, TAG)
     else:
         registry.client.set_model_version_tag(version.name, version.version, TAG, repr(tau))
-    greedy, best = curve[0], max(curve, key=lambda c: c[1])
+    greedy, best = found.curve[0], found.best
     return {"adapter": f"{version.name}@{version.version}", "threshold": tau, "split": cfg.evaluate.split,
-            "best": best[0], "gain": gain, "right": {"greedy": round(greedy[1], 4), "best": round(best[1], 4)},
+            "best": best[0], "gain": found.gain, "right": {"greedy": round(greedy[1], 4), "best": round(best[1], 4)},
             "abstained": {"greedy": greedy[2], "best": best[2]},
-            "curve": [{"threshold": t, "right": round(r, 4), "abstained": a} for t, r, a in curve]}
+            "curve": [{"threshold": t, "right": round(r, 4), "abstained": a} for t, r, a in found.curve]}
 
 
 def calibration_lines(c: dict) -> list[str]:

@@ -2,9 +2,9 @@
 
 The registry's aliases are the source of truth (`production`, `canary` on the route's adapter); a route's config may
 override either version and the canary weight. Versions are resolved to numbers here, so the LLM always receives a
-concrete, cacheable adapter id `name@number`, with the abstention threshold that version was calibrated with (tandem/
-abstention.py), if any. RAG comes first: a route whose adapter has no production version yet
-answers with the base model (variant `base`), and takes the adapter at the first refresh after it reaches production.
+concrete, cacheable adapter id `name@number`, with the abstention threshold that version was calibrated with
+(tandem/abstention.py), if any. RAG comes first: a route whose adapter has no production version yet answers with the
+base model (variant `base`), and takes the adapter at the first refresh after it reaches production.
 """
 
 from __future__ import annotations

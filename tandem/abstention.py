@@ -5,8 +5,9 @@ where that token is the likeliest, so how often an adapter abstains swings from 
 0.91 on the same unanswerable test questions), while the probability itself ranks unanswerable questions above
 answerable ones. Calibration (`jobs.evaluate evaluate.calibrate=true`, on the dev split) reads that probability for
 every question, picks the τ that answers the most questions right (a correct answer, or an abstention where the
-passages hold none) and records it on the adapter version (tag `abstain_threshold`); evaluation, validation and the
-RAG routes of the app then decode that version with it.
+passages hold none) and, where that is significantly more than greedy decoding answers right, records it on the
+adapter version (tag `abstain_threshold`); evaluation, validation and the RAG routes of the app then decode that
+version with it.
 """
 
 from __future__ import annotations
@@ -78,15 +79,29 @@ class AbstentionLogits:
         return scores
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """What `calibrate` found: the curve [(τ, share right, abstention on unanswerable)], greedy decoding (τ None)
+    first; its best point (ties go to the higher τ: fewer abstentions); and that point's gain in questions answered
+    right over greedy decoding, with a paired bootstrap interval."""
+    curve: list[tuple]
+    best: tuple
+    gain: dict
+
+    @property
+    def threshold(self) -> float | None:
+        """The τ to record: the best one, where its gain is significant. A threshold fitted to a few unanswerable
+        questions costs right answers on the next ones (the demo's 60-step adapter, 24 of them: +0.03 on dev, not
+        significant; -0.04 correctness on test)."""
+        return self.best[0] if self.gain["significant"] and self.gain["delta"] > 0 else None
+
+
 def calibrate(scores: list[float], abstained: list[bool], right: list[float | None],
-              samples: int = 2000) -> tuple[float | None, list, dict]:
-    """The τ under which the most questions are answered right; the curve [(τ, share right, abstention on
-    unanswerable)] it was picked from; and its gain over greedy decoding with a paired bootstrap interval. Per
-    question: the model's score, whether greedy decoding abstained, and whether its answer was right (None: the
-    question has no answer, so abstaining is right). A question abstains under τ where greedy decoding did or its
-    score reaches τ; ties go to the higher τ (fewer abstentions). None where no τ answers significantly more
-    questions right than greedy decoding: a threshold fitted to a few unanswerable questions costs right answers on
-    the next ones (the demo's 60-step adapter, 24 of them: +0.03 on dev, -0.04 correctness on test)."""
+              samples: int = 2000) -> Calibration:
+    """Each τ among the scores, against greedy decoding. Per question: the model's score, whether greedy decoding
+    abstained, and whether its answer was right (None: the question has no answer, so abstaining is right). A
+    question abstains under τ where greedy decoding did or its score reaches τ; it is answered right where it
+    abstains without an answer, or answers right."""
     if not scores or not len(scores) == len(abstained) == len(right):
         raise ValueError(f"calibration needs one score, abstention and outcome per question: got {len(scores)}, "
                          f"{len(abstained)}, {len(right)}")
@@ -97,6 +112,6 @@ def calibrate(scores: list[float], abstained: list[bool], right: list[float | No
         outcomes[tau] = [float(a) if r is None else (0.0 if a else r) for a, r in zip(abstains, right)]
         curve.append((tau, sum(outcomes[tau]) / len(right),
                       sum(a for a, r in zip(abstains, right) if r is None) / unanswerable if unanswerable else None))
-    best = max(curve, key=lambda c: c[1])[0]  # the first best: the highest τ
-    gain = compare([{"right": x} for x in outcomes[None]], [{"right": x} for x in outcomes[best]], "right", samples)
-    return (best if gain["significant"] and gain["delta"] > 0 else None), curve, gain
+    best = max(curve, key=lambda c: c[1])  # the first best: the highest τ
+    return Calibration(curve, best, compare([{"right": x} for x in outcomes[None]],
+                                            [{"right": x} for x in outcomes[best[0]]], "right", samples))

@@ -95,16 +95,17 @@ def test_calibration_picks_the_threshold_that_answers_the_most_questions_right()
     scores = [0.40, 0.35, 0.9, 0.05, 0.10, 0.30, 0.20]
     abstained = [False, False, True, False, False, False, False]
     right = [None, None, None, 1.0, 1.0, 0.0, 1.0]
-    tau, curve, gain = calibrate(scores * 10, abstained * 10, right * 10, samples=200)
+    found = calibrate(scores * 10, abstained * 10, right * 10, samples=200)
     # abstains on both unanswerables it answered: 6 of 7 right; abstaining on the wrong answer too (0.30) gains
     # nothing, as an answerable question is right only when answered right, and ties go to the higher threshold
-    assert tau == 0.35
-    assert curve[0] == (None, 4 / 7, 1 / 3)  # greedy: 3 answers right, 1 abstention of 3
-    assert max(c[1] for c in curve) == 6 / 7 and dict((t, a) for t, _, a in curve)[0.35] == 1.0
-    assert gain["delta"] == round(2 / 7, 4) and gain["significant"]  # 70 questions, 20 more answered right
-    assert calibrate(scores, abstained, right, samples=200)[0] is None  # 7 questions: 2 more right is not enough
-    assert calibrate([0.1, 0.6] * 20, [False, True] * 20, [1.0, None] * 20)[0] is None  # nothing beats greedy
-    assert calibrate([0.5, 0.5] * 20, [False, False] * 20, [None, 0.0] * 20)[0] == 0.5  # ties: the higher
+    assert found.threshold == found.best[0] == 0.35
+    assert found.curve[0] == (None, 4 / 7, 1 / 3)  # greedy: 3 answers right, 1 abstention of 3
+    assert found.best[1:] == (6 / 7, 1.0) == dict((t, (r, a)) for t, r, a in found.curve)[0.35]
+    assert found.gain["delta"] == round(2 / 7, 4) and found.gain["significant"]  # 70 questions, 20 more right
+    few = calibrate(scores, abstained, right, samples=200)  # 7 questions: 2 more right is not enough
+    assert few.best[0] == 0.35 and few.threshold is None
+    assert calibrate([0.1, 0.6] * 20, [False, True] * 20, [1.0, None] * 20).threshold is None  # nothing beats greedy
+    assert calibrate([0.5, 0.5] * 20, [False, False] * 20, [None, 0.0] * 20).threshold == 0.5  # ties: the higher
     with pytest.raises(ValueError, match="one score, abstention and outcome per question: got 2, 1, 2"):
         calibrate([0.1, 0.2], [False], [None, 1.0])
 

@@ -140,6 +140,7 @@ def main() -> dict:
     ap.add_argument("--width", type=int, default=8, help="rows per batch, both arms")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model-path", help="a base other than the serve config's model.path")
     args = ap.parse_args()
     import torch
 
@@ -147,7 +148,7 @@ def main() -> dict:
     from tandem.gathered_lora import GatheredLoRA
 
     torch.set_num_threads(2)
-    model, tokenizer = model_with_adapters(4, args.device)
+    model, tokenizer = model_with_adapters(4, args.device, args.model_path)
     gathered = GatheredLoRA(model)
     engine = Engine(lambda: model, tokenizer, args.width, 4, gathered=lambda: gathered)
     static = Static(model, tokenizer, gathered, args.width)

@@ -23,18 +23,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tandem.runtime import write_json  # noqa: E402
 
 
-def model_with_adapters(count: int, device: str = "cpu"):
+def model_with_adapters(count: int, device: str = "cpu", model_path: str | None = None,
+                        quantization: str = "none"):
+    """The serve config's base (or `model_path`, e.g. random weights of its shape on a bare GPU machine), loaded as
+    the HF engine loads it, with `count` LoRA adapters of random weights."""
     import torch
     from peft import LoraConfig, get_peft_model
 
     from tandem.config import load_config
     from tandem.models import load_for_inference, load_tokenizer, prepare_base
 
-    cfg = load_config("serve")
+    cfg = load_config("serve", [f"model.path={model_path}"] if model_path else [])
     base = prepare_base(cfg.model.path, cfg.model.cache_dir, cfg.model.dtype)
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, init_lora_weights=False,
                       target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
-    model = get_peft_model(load_for_inference(base.path, device=device), lora, adapter_name="a0")
+    model = get_peft_model(load_for_inference(base.path, quantization=quantization, device=device), lora, adapter_name="a0")
     for i in range(1, count):
         model.add_adapter(f"a{i}", lora)
     for i in range(count):
@@ -81,6 +84,8 @@ def main() -> dict:
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model-path", help="a base other than the serve config's model.path")
+    ap.add_argument("--quantization", default="none", choices=("none", "nf4", "int8"))
     args = ap.parse_args()
     import torch
 
@@ -88,7 +93,7 @@ def main() -> dict:
     from tandem.gathered_lora import GatheredLoRA
 
     torch.set_num_threads(2)
-    model, tokenizer = model_with_adapters(8, args.device)
+    model, tokenizer = model_with_adapters(8, args.device, args.model_path, args.quantization)
     gathered = GatheredLoRA(model)
     engines = {"peft": submitter(Engine(lambda: model, tokenizer, 8, 8), tokenizer),
                "gathered": submitter(Engine(lambda: model, tokenizer, 8, 8, gathered=lambda: gathered), tokenizer)}
@@ -103,12 +108,14 @@ def main() -> dict:
                 runs[kernel, spread].append(rate)
                 print(kernel, spread, round(rate, 1), "tokens/s", flush=True)
     rate = {f"{k}/{s}": round(statistics.median(v), 1) for (k, s), v in runs.items()}
-    result = {"burst": args.burst, "max_tokens": args.max_tokens, "device": args.device, "tokens_per_s": rate,
+    result = {"burst": args.burst, "max_tokens": args.max_tokens, "device": args.device,
+              "quantization": args.quantization, "tokens_per_s": rate,
               "eight_vs_one": {k: round(rate[f"{k}/eight_adapters"] / rate[f"{k}/one_adapter"], 2) for k in engines},
               "gathered_vs_peft_eight_adapters": round(rate["gathered/eight_adapters"] / rate["peft/eight_adapters"],
                                                        2)}
     print(json.dumps(result, indent=2))
-    write_json(Path(__file__).parent / "results" / "lora_kernel.json", result)
+    name = "lora_kernel.json" if args.quantization == "none" else f"lora_kernel-{args.quantization}.json"
+    write_json(Path(__file__).parent / "results" / name, result)
     return result
 
 

@@ -7,12 +7,13 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
-import ray
-
 
 @contextmanager
 def ray_session(cfg):
-    """Use an already-initialised Ray (tests, notebooks), RAY_ADDRESS or `ray.address`, else start a local cluster."""
+    """Use an already-initialised Ray (tests, notebooks), RAY_ADDRESS or `ray.address`, else start a local cluster.
+    Ray is imported here, not at the top: benches that only write JSON run where Ray is not installed."""
+    import ray
+
     if ray.is_initialized():
         yield
         return

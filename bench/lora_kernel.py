@@ -37,7 +37,8 @@ def model_with_adapters(count: int, device: str = "cpu", model_path: str | None 
     base = prepare_base(cfg.model.path, cfg.model.cache_dir, cfg.model.dtype)
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, init_lora_weights=False,
                       target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
-    model = get_peft_model(load_for_inference(base.path, quantization=quantization, device=device), lora, adapter_name="a0")
+    model = get_peft_model(load_for_inference(base.path, quantization=quantization, device=device), lora,
+                           adapter_name="a0")
     for i in range(1, count):
         model.add_adapter(f"a{i}", lora)
     for i in range(count):

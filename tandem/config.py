@@ -177,6 +177,9 @@ class DataConfig:
     # the answer: the reply abstains), drawn from three times data.rows retrieved questions; None: as retrieval gives
     # them (46 of the demo's 600 rows)
     near_miss_share: Optional[float] = None
+    # grounded_qa: the share of rows whose passages carry a changed year, person or place, labelled with the changed
+    # fact (tandem/facts.py): teaches answering from the passage where it contradicts what the model knows
+    counterfactual_share: float = 0.0
 
 
 @dataclass

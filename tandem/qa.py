@@ -95,7 +95,7 @@ def grounded_rows(questions: list[dict], passages: list[list[dict]]) -> list[dic
         answer, sources = grounded_label(q, ps)
         messages = rag_messages(q["question"], [p["text"] for p in ps])
         rows.append({"messages": [*messages, {"role": "assistant", "content": rag_answer(answer, sources)}],
-                     "id": q["id"], "kind": q["kind"], "abstain": not sources})
+                     "id": q["id"], "kind": q["kind"], "abstain": not sources, "counterfactual": "stale" in q})
     return rows
 
 
@@ -122,18 +122,26 @@ def build_grounded(cfg, out: Path) -> dict:
     """`data.rows` rows of the grounded task from the train split of `evaluate.qa` (one phrasing per fact, spread
     over question kinds), with `evaluate.k` passages from the retriever in `evaluate.mode`; written as JSONL. With
     `data.near_miss_share`, a pool of three times as many questions is retrieved for, to draw that share of near
-    misses from."""
+    misses from. With `data.counterfactual_share`, that share of the rows has a changed fact in its passages
+    (`tandem.facts.counterfactuals`)."""
     from tandem.datasets import write_jsonl
+    from tandem.facts import counterfactuals, read_corpus
 
     e, d = cfg.evaluate, cfg.data
     train = load_qa(e.qa, "train")
     if any(q["gold_docs"] and not q["answers"] for q in train):
         raise ConfigError(f"evaluate.qa={e.qa} has questions without reference answers (a document answers them), "
                           "so no grounded reply can be labelled from it: use a span QA set such as wiki_qa")
+    if not 0.0 <= d.counterfactual_share <= 1.0:
+        raise ConfigError(f"data.counterfactual_share={d.counterfactual_share}: expected a share between 0 and 1")
     questions = pick(one_per_fact(train), d.rows * (3 if d.near_miss_share is not None else 1))
-    rows = grounded_rows(questions, passages_for(cfg, [Path(e.qa) / "corpus"], questions, e.collection, e.k, e.mode))
-    rows = balance(rows, d.rows, d.near_miss_share)
+    corpus = Path(e.qa) / "corpus"
+    passages = passages_for(cfg, [corpus], questions, e.collection, e.k, e.mode)
+    if d.counterfactual_share:
+        questions, passages = counterfactuals(questions, passages, read_corpus(corpus),
+                                              round(d.rows * d.counterfactual_share))
+    rows = balance(grounded_rows(questions, passages), d.rows, d.near_miss_share)
     kinds = sorted({r["kind"] for r in rows})
     return {"rows": write_jsonl(out, rows), "abstain": sum(r["abstain"] for r in rows),
-            "near_misses": sum(map(near_miss, rows)),
+            "near_misses": sum(map(near_miss, rows)), "counterfactual": sum(r["counterfactual"] for r in rows),
             **{kind: sum(r["kind"] == kind for r in rows) for kind in kinds}}

@@ -156,7 +156,7 @@ def test_the_grounded_task_needs_span_answers(tmp_path):
 
 
 def test_a_fact_is_changed_only_where_the_passage_then_states_the_new_one_alone():
-    from tandem.freshness import changed_facts
+    from tandem.facts import changed_facts
 
     docs = {"dresden": "Dresden is the capital of the German state of Saxony in Germany.",
             "timbuktu": "Timbuktu is a city in Mali, 20 km north of the Niger River.",
@@ -175,6 +175,33 @@ def test_a_fact_is_changed_only_where_the_passage_then_states_the_new_one_alone(
     for f in facts:
         new, (old,) = f["question"]["answers"][0], f["question"]["stale"]
         assert new in f["doc"]["text"] and old not in f["doc"]["text"] and new != old
+
+
+def test_counterfactual_rows_cite_the_changed_fact_their_passage_states():
+    """A counterfactual row's passage of the gold document says a new fact, and its label is that fact cited; a
+    question whose gold passage was not retrieved is left as it was (a near miss: the reply abstains)."""
+    from tandem.facts import counterfactuals
+    from tandem.qa import grounded_rows
+
+    docs = {"timbuktu": "Timbuktu is a city in Mali, 20 km north of the Niger River.",
+            "gdansk": "Gdansk is a city on the Baltic coast of Poland.",
+            "dakar": "Dakar is the capital of Senegal."}
+    questions = [{"id": f"q-{d}", "kind": "place", "question": f"In which country is {d.title()}?", "answers": [a],
+                  "gold_docs": [d]} for d, a in (("timbuktu", "Mali"), ("gdansk", "Poland"), ("dakar", "Senegal"))]
+    passages = [[{"doc_id": "dakar", "text": docs["dakar"]}, {"doc_id": "timbuktu", "text": docs["timbuktu"]}],
+                [{"doc_id": "gdansk", "text": docs["gdansk"]}],
+                [{"doc_id": "gdansk", "text": docs["gdansk"]}]]  # Dakar's own passage was not retrieved
+    qs, ps = counterfactuals(questions, passages, {k: {"id": k, "text": t} for k, t in docs.items()}, 5)
+    rows = grounded_rows(qs, ps)
+    assert [r["counterfactual"] for r in rows] == [True, True, False]
+    assert ps[0][0] == passages[0][0] and ps[2] == passages[2]  # other documents' passages are left alone
+    for row, q, p, old in zip(rows[:2], qs, ps, ("Mali", "Poland")):
+        new = q["answers"][0]
+        assert new != old and q["stale"] == [old]
+        cited = next(x for x in p if x["doc_id"] == q["gold_docs"][0])["text"]
+        assert new in cited and old not in cited
+        assert json.loads(row["messages"][-1]["content"])["answer"] == new
+    assert json.loads(rows[2]["messages"][-1]["content"]) == {"answer": "", "sources": []}
 
 
 def test_decision_matrix_on_held_out_questions_and_fresh_facts(ray_cluster, milvus_server, serve_cfg, small_qa,

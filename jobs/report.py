@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tandem.commandline import Job, run
 from tandem.config import require, route_config
+from tandem.errors import UnknownVersionError
 from tandem.freshness import freshness_lines
 from tandem.registry import Registry
 from tandem.requestlog import read_log
@@ -41,11 +42,9 @@ def _png(fig) -> str:
 
 
 def training_plot(registry: Registry, ref: str, plt) -> str:
-    from mlflow.exceptions import MlflowException
-
     try:
         version = registry.resolve(ref)
-    except MlflowException:  # RAG first: the route serves the base model until an adapter reaches production
+    except UnknownVersionError:  # RAG first: the route serves the base model until an adapter reaches production
         return f"<p>{html.escape(ref)} does not exist yet: the route answers with the base model and retrieval.</p>"
     curves = {key: sorted(registry.client.get_metric_history(version.run_id, key), key=lambda m: m.step)
               for key in ("loss", "eval_loss")}

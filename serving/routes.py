@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from tandem.abstention import TAG
 from tandem.canary import BASE, CANARY, PRODUCTION, assign
 from tandem.config import route_config
+from tandem.errors import UnknownVersionError
 from tandem.rollout import load as load_rollout
 
 DEFAULT_CANARY_WEIGHT = 0.1
@@ -69,11 +70,9 @@ class RouteTable:
                            if v["tandem"]["abstain_threshold"] is not None}
 
     def _version(self, adapter: str, which: str) -> str | None:
-        from mlflow.exceptions import MlflowException
-
         try:
             return f"{adapter}@{self.registry.resolve(f'{adapter}@{which}').version}"
-        except MlflowException:
+        except UnknownVersionError:
             return None
 
     def _resolve(self, name: str, cfg) -> Route:

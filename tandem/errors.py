@@ -20,5 +20,9 @@ class NotInstalledError(TandemError):
     """A packaged model or data set that is not installed, with the command that installs it."""
 
 
+class UnknownVersionError(TandemError, LookupError):
+    """A registry reference (NAME@ALIAS or NAME@VERSION) that names nothing registered, with what is there."""
+
+
 class RejectedDataError(TandemError):
     """Input refused as a whole (too many bad rows); the per-row reasons are written next to it."""

@@ -14,6 +14,8 @@ import json
 import time
 from pathlib import Path
 
+from tandem.errors import UnknownVersionError
+
 
 def tracking_uri(cfg_mlflow, workdir: str) -> str:
     return cfg_mlflow.tracking_uri or f"sqlite:///{Path(workdir).expanduser().resolve() / 'mlflow.db'}"
@@ -135,13 +137,26 @@ class Registry:
         self.client.set_registered_model_tag(name, key, value)
 
     def resolve(self, ref: str):
-        """`name@alias` or `name@version` (a number) -> the model version."""
+        """`name@alias` or `name@version` (a number) -> the model version; UnknownVersionError, saying what the model
+        has, where it names nothing (a gate that did not pass leaves no `validated` alias to promote)."""
+        from mlflow.exceptions import MlflowException
+
         name, _, which = ref.partition("@")
         if not which:
             raise ValueError(f"{ref!r}: expected NAME@ALIAS or NAME@VERSION")
-        if which.isdigit():
-            return self.client.get_model_version(name, which)
-        return self.client.get_model_version_by_alias(name, which)
+        try:
+            if which.isdigit():
+                return self.client.get_model_version(name, which)
+            return self.client.get_model_version_by_alias(name, which)
+        except MlflowException:
+            try:
+                model = self.client.get_registered_model(name)
+            except MlflowException:
+                raise UnknownVersionError(f"{ref}: no model {name!r} is registered") from None
+            aliases = ", ".join(f"{a}={v}" for a, v in sorted(model.aliases.items())) or "none"
+            hint = " (jobs.validate sets it on a version that passes its gate)" if which == "validated" else ""
+            raise UnknownVersionError(f"{ref}: {name} has no version {which!r}{hint}; its aliases: {aliases}") \
+                from None
 
     def download(self, ref: str) -> Path:
         """The version's files on local disk (a copy from the artifact store)."""

@@ -17,6 +17,7 @@ from jobs.finetune import main as finetune_main
 from jobs.registry import main as registry_main
 from tandem.adapters import verify_adapter
 from tandem.config import load_config
+from tandem.errors import UnknownVersionError
 from tandem.registry import Registry
 
 
@@ -92,6 +93,12 @@ def test_qlora_deepspeed_two_workers_resumes_after_a_worker_is_killed(killed_and
     registry_main(["alias", "registry.name=tiny", "registry.alias=production",
                    f"registry.version={manifest['registry']['version']}", "registry.reason=test promotion"])
     registry = Registry.from_config(load_config("registry"))
+    # promoting what no gate passed is one clear error, saying what the adapter has
+    with pytest.raises(UnknownVersionError, match=r"tiny@validated: tiny has no version 'validated' \(jobs.validate "
+                                                  r"sets it .*\); its aliases: candidate=\d+, production=\d+"):
+        registry_main(["alias", "registry.name=tiny", "registry.alias=production", "registry.version=validated"])
+    with pytest.raises(UnknownVersionError, match="no model 'nobody' is registered"):
+        registry.resolve("nobody@3")
     local = registry.download("tiny@production")
     assert verify_adapter(local, manifest["base"]["sha256"])["sha256"] == manifest["sha256"]
     run = registry.client.get_run(manifest["mlflow_run_id"])

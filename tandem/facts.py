@@ -86,8 +86,9 @@ def counterfactuals(questions: list[dict], passages: list[list[dict]], docs: dic
     their gold document stating the answer: the new fact replaces the old one in those passages and becomes the
     reference, so the grounded label cites a passage for the new fact. The model learns to answer from a passage
     that contradicts what it knows, which labels that always agree with the world never show it."""
-    found = [q for q, ps in zip(questions, passages)
-             if any(p["doc_id"] in q["gold_docs"] and any(states(p["text"], a) for a in q["answers"]) for p in ps)]
+    from tandem.qa import grounded_label
+
+    found = [q for q, ps in zip(questions, passages) if grounded_label(q, ps)[1]]
     changes = {f["question"]["id"]: f for f in changed_facts(found, docs, n, seed)}
     out_q, out_p = [], []
     for q, ps in zip(questions, passages):

@@ -105,13 +105,17 @@ def near_miss(row: dict) -> bool:
     return row["abstain"] and row["kind"] != "unanswerable"
 
 
+def check_share(key: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{key}={value}: expected a share between 0 and 1")
+
+
 def balance(rows: list[dict], limit: int, near_miss_share: float | None) -> list[dict]:
     """`limit` rows of which `near_miss_share` are near misses (as near as the pool allows), in the pool's order; with
     no share, the first `limit` as they come (about 8% near misses on the demo)."""
     if near_miss_share is None:
         return rows[:limit]
-    if not 0.0 <= near_miss_share <= 1.0:
-        raise ConfigError(f"data.near_miss_share={near_miss_share}: expected a share between 0 and 1")
+    check_share("data.near_miss_share", near_miss_share)
     misses = [r for r in rows if near_miss(r)][: round(limit * near_miss_share)]
     others = [r for r in rows if not near_miss(r)][: limit - len(misses)]
     kept = {id(r) for r in misses + others}
@@ -132,8 +136,7 @@ def build_grounded(cfg, out: Path) -> dict:
     if any(q["gold_docs"] and not q["answers"] for q in train):
         raise ConfigError(f"evaluate.qa={e.qa} has questions without reference answers (a document answers them), "
                           "so no grounded reply can be labelled from it: use a span QA set such as wiki_qa")
-    if not 0.0 <= d.counterfactual_share <= 1.0:
-        raise ConfigError(f"data.counterfactual_share={d.counterfactual_share}: expected a share between 0 and 1")
+    check_share("data.counterfactual_share", d.counterfactual_share)
     questions = pick(one_per_fact(train), d.rows * (3 if d.near_miss_share is not None else 1))
     corpus = Path(e.qa) / "corpus"
     passages = passages_for(cfg, [corpus], questions, e.collection, e.k, e.mode)

@@ -134,10 +134,12 @@ class LLM:
     async def __call__(self, request: dict):
         """{prompt, adapter (name@version or None), max_tokens, temperature, top_p, stop, ignore_eos, regex (a
         response_format's, or None)} -> token events {"text", "finish_reason", "prompt_tokens",
-        "completion_tokens"}, or one {"error": message} when its adapter cannot be loaded or the engine failed it
-        (with "status": 400 when the request itself cannot be served as asked, e.g. its response_format)."""
+        "completion_tokens"}, the last with "adapter_load_ms"; or one {"error": message} when its adapter cannot be
+        loaded or the engine failed it (with "status": 400 when the request itself cannot be served as asked, e.g.
+        its response_format)."""
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        handle = await self._start(request, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        handle, load_ms = await self._start(request, lambda event: loop.call_soon_threadsafe(events.put_nowait,
+                                                                                            event))
         if isinstance(handle, dict):  # why it cannot start: one error event
             yield handle
             return
@@ -146,21 +148,25 @@ class LLM:
             while not ended:
                 event = await events.get()
                 ended = "error" in event or bool(event.get("finish_reason"))
-                yield event
+                # the last event says how long this request waited for its adapter to load on this replica, a
+                # one-time cost the rollout's latency gate leaves out
+                yield {**event, "adapter_load_ms": load_ms} if ended else event
         finally:
             if not ended:  # the caller went away (Serve cancels this call): the request leaves the batch
                 self.engine.cancel(handle)
 
-    async def _start(self, request: dict, emit):
-        """The engine's handle on the request, its adapter loaded first; or an error event saying why its adapter
-        cannot be loaded or why the engine refuses it. The adapter counts as in use from the start, so a load for
-        another request cannot delete it in between."""
+    async def _start(self, request: dict, emit) -> tuple[object, float]:
+        """The engine's handle on the request, its adapter loaded first, and the milliseconds spent waiting for that
+        load (0 when this replica had it); or an error event saying why its adapter cannot be loaded or why the
+        engine refuses it. The adapter counts as in use from the start, so a load for another request cannot delete
+        it in between."""
         name = request["adapter"]
         self.starting[name] += 1
         try:
+            waited = time.perf_counter()
             if name is not None:
                 if (message := self._recent_failure(name)) is not None:
-                    return {"error": message}
+                    return {"error": message}, 0.0
                 try:
                     await self.adapter(name)
                 except Exception as e:  # a corrupt or foreign adapter fails its own requests only
@@ -169,8 +175,9 @@ class LLM:
                     message = f"adapter {name} could not be loaded ({type(e).__name__}); it is retried after " \
                               f"{self.retry_failed_s:.0f} s"
                     self.failures[name] = (time.monotonic(), message)
-                    return {"error": message}
-            return await self.engine.start(request, name, emit)
+                    return {"error": message}, 0.0
+            load_ms = round((time.perf_counter() - waited) * 1000, 1)
+            return await self.engine.start(request, name, emit), load_ms
         finally:
             self.starting[name] -= 1
             if name in self.doomed and not self._in_use(name):  # evicted while it started, then never ran

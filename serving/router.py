@@ -443,6 +443,7 @@ class Router:
         record = {**record, "response": text, "finish_reason": last.get("finish_reason"), "status": status,
                   "error": error, "format_valid": format_valid, "grounded": grounded,
                   "latency_ms": round((time.perf_counter() - started) * 1000, 1),
+                  "adapter_load_ms": last.get("adapter_load_ms"),
                   "prompt_tokens": last.get("prompt_tokens"), "completion_tokens": last.get("completion_tokens")}
         if self.cfg.serve.request_log_redact:  # after the gates' measures, which need the words as served
             record["response"] = privacy.redact(text)  # short (max_new_tokens); the prompt was redacted off the loop

@@ -93,14 +93,17 @@ def _finish(registry, adapter: str, state: str, reason: str) -> None:
 
 
 def variant_metrics(requests: list[dict], feedback: list[dict], route: str, since: float) -> dict[str, dict]:
-    """Per variant over a route's requests since `since`: count, error rate, p95 latency, negative feedback, and
-    format validity and groundedness where the route retrieves. `base` is the reference of a first adapter's canary,
-    which runs beside the base model because there is no production version yet."""
+    """Per variant over a route's requests since `since`: count, error rate, p95 latency (adapter loads left out),
+    negative feedback, and format validity and groundedness where the route retrieves. `base` is the reference of a
+    first adapter's canary, which runs beside the base model because there is no production version yet."""
     negative = {f["request_id"] for f in feedback if f.get("rating", 0) < 0}
     out: dict[str, dict] = {}
     for variant in ("production", "base", "canary", "shadow"):
         rows = [r for r in requests if r["route"] == route and r["variant"] == variant and r["time"] >= since]
-        latencies = [r["latency_ms"] for r in rows if r["status"] == "ok"]
+        # less the wait for the adapter's load: a replica's one-time cost, not how fast the adapter answers (a
+        # canary's first requests load it; with a handful of requests a step, that alone doubled its p95)
+        latencies = [round(r["latency_ms"] - (r.get("adapter_load_ms") or 0.0), 1) for r in rows
+                     if r["status"] == "ok"]
         formats = [r["format_valid"] for r in rows if r["status"] == "ok" and r.get("format_valid") is not None]
         grounded = [r["grounded"] for r in rows if r["status"] == "ok" and r.get("grounded") is not None]
         out[variant] = {

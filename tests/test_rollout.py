@@ -117,6 +117,8 @@ def test_healthy_canary_is_promoted_through_every_step_without_a_failed_request(
     # While in shadow, production answered and the canary's copies were only logged.
     shadows = [r for r in read_log(serve_cfg.serve.request_log) if r["variant"] == "shadow"]
     assert shadows and all(r["adapter"] == "ro@2" and r["shadow_of"].startswith("chatcmpl-") for r in shadows)
+    # the first copy waited for ro@2 to load; the latency gate left that wait out (else it alone could double p95)
+    assert all(r["adapter_load_ms"] is not None for r in shadows) and max(r["adapter_load_ms"] for r in shadows) > 0
 
 
 def test_manual_pause_resume_and_abort(serve_cfg, http):

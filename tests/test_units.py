@@ -170,10 +170,10 @@ def test_rollout_decisions():
                             min_format_valid=0.9, min_grounded=0.6)
     cfg = SimpleNamespace(min_requests=4, min_callers=2, min_seconds=10, gates=gates, auto_promote=True)
 
-    def rec(i, variant, status="ok", latency=100.0, valid=True, grounded=1.0, key="k1"):
+    def rec(i, variant, status="ok", latency=100.0, valid=True, grounded=1.0, key="k1", load=0.0):
         return {"request_id": f"r{variant}{i}", "route": "a", "variant": variant, "status": status, "time": 100 + i,
-                "latency_ms": latency, "format_valid": valid, "grounded": grounded, "key_id": key,
-                "user_hash": f"u{i}"}
+                "latency_ms": latency, "adapter_load_ms": load, "format_valid": valid, "grounded": grounded,
+                "key_id": key, "user_hash": f"u{i}"}
 
     production = [rec(i, "production") for i in range(10)]
     rollout = Rollout("ad", "2", [0.5, 1.0], step_started=100)
@@ -185,6 +185,10 @@ def test_rollout_decisions():
     healthy = production + [rec(i, "canary", key=f"k{i % 2}") for i in range(5)]
     assert decide(rollout, variant_metrics(healthy, [], "a", 100), cfg, now=105)[0] == HOLD  # too early
     assert decide(rollout, variant_metrics(healthy, [], "a", 100), cfg, now=200)[0] == ADVANCE
+    # a canary's first request on a replica waits for its adapter to load: that wait is not its answer latency
+    cold = production + [rec(0, "canary", latency=900, load=800)] + [rec(i, "canary", key=f"k{i % 2}")
+                                                                      for i in range(1, 5)]
+    assert decide(rollout, variant_metrics(cold, [], "a", 100), cfg, now=200)[0] == ADVANCE
     rollout.step = 1
     assert decide(rollout, variant_metrics(healthy, [], "a", 100), cfg, now=200)[0] == PROMOTE
     human = SimpleNamespace(**{**vars(cfg), "auto_promote": False})  # the default: 100% waits for a person

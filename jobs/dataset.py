@@ -2,6 +2,7 @@
 
     python -m jobs.dataset add name=NAME path=FILE.jsonl [dataset.max_tokens=1024] [dataset.pii=drop]
     python -m jobs.dataset add name=NAME path=FILE.json|FILE.parquet|DIR   # a JSON array, Parquet, or save_to_disk
+    python -m jobs.dataset add name=NAME path=FILE "dataset.paths=[FILE2,...]"   # several files' rows, in order
 
 Rows: chat messages, ShareGPT conversations, prompt/response or Alpaca instruction/input/output.
     python -m jobs.dataset list
@@ -26,8 +27,10 @@ JOB = Job("dataset", __doc__, ("dataset", "model"),
 
 
 def add(cfg) -> dict:
-    name, path = require(cfg.dataset.name, "dataset.name"), Path(require(cfg.dataset.path, "dataset.path"))
-    return ingest(cfg, name, read_rows(path), str(path.resolve()))
+    name = require(cfg.dataset.name, "dataset.name")
+    paths = [Path(require(cfg.dataset.path, "dataset.path")), *map(Path, cfg.dataset.paths)]
+    return ingest(cfg, name, [row for path in paths for row in read_rows(path)],
+                  ", ".join(str(path.resolve()) for path in paths))
 
 
 def main(argv: list[str] | None = None):

@@ -156,10 +156,27 @@ QUESTIONS = (
 )
 
 
-def comparisons(rows: dict[str, list[dict]], samples: int = 2000) -> list[dict]:
-    """Each of QUESTIONS whose two arms were run, with its paired bootstrap interval."""
+# a named adapter version (an arm such as `grounded_qa@1+rag`) against the tuned adapter with the same passages and
+# decoding: is the candidate better than the version it would replace?
+VERSION_METRICS = (("contains", "correctness"), ("f1", "token F1"), ("valid", "format validity"),
+                   ("citation_precision", "citation precision"), ("grounded", "groundedness"),
+                   ("abstained", "abstention on unanswerable questions"))
+
+
+def version_questions(arms) -> list[tuple]:
     out = []
-    for aspect, step, a, b, key, what in QUESTIONS:
+    for arm in arms:
+        model, plus, flags = arm.partition("+")
+        if "@" in model and (tuned := f"tuned{plus}{flags}") in arms:
+            out += [(None, "the tuned adapter", arm, tuned, key, what) for key, what in VERSION_METRICS]
+    return out
+
+
+def comparisons(rows: dict[str, list[dict]], samples: int = 2000) -> list[dict]:
+    """Each of QUESTIONS whose two arms were run, and each named version against the tuned adapter, with its paired
+    bootstrap interval."""
+    out = []
+    for aspect, step, a, b, key, what in (*QUESTIONS, *version_questions(rows)):
         if a in rows and b in rows and (c := compare(rows[a], rows[b], key, samples)) is not None:
             out.append({"aspect": aspect, "step": step, "from": a, "to": b, "metric": key, "what": what, **c})
     return out
@@ -173,7 +190,8 @@ def verdict(summaries: dict[str, dict], compared: list[dict]) -> list[str]:
         interval = f"{c['delta']:+.2f}, 95% CI {c['low']:+.2f}..{c['high']:+.2f}, n={c['n']}"
         step = c["step"]
         if c["significant"] and c["delta"] > 0:
-            lines.append(f"missing {c['aspect']}: {step} adds {c['what']} to {c['from']} ({interval})")
+            missing = f"missing {c['aspect']}: " if c["aspect"] else ""
+            lines.append(f"{missing}{step} adds {c['what']} to {c['from']} ({interval})")
         elif c["significant"]:
             lines.append(f"{step} costs {c['what']} against {c['from']} ({interval})")
         else:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -195,6 +195,7 @@ class DatasetConfig:
     name: Optional[str] = None  # the dataset (jobs.dataset add)
     # rows (chat, ShareGPT, prompt/response or Alpaca) as .jsonl, a .json array, .parquet, or a save_to_disk directory
     path: Optional[str] = None
+    paths: List[str] = field(default_factory=list)  # more files of rows, added after path's (mixing two tasks)
     ref: Optional[str] = None  # NAME@VERSION or NAME@latest
     root: str = "${workdir}/datasets"  # the versioned dataset store
     eval_fraction: float = 0.1  # share of rows held out for evaluation

@@ -8,9 +8,10 @@
   task (`grounded_qa`, tandem/qa.py) and its evaluation are drawn from it.
 - `python_faq`: Debian's `python3.11-doc` FAQ (`html/_sources/faq/*.rst.txt`): each question heading is a query, the
   answer under it is its one relevant document.
-- `faq_qa`: a QA set over that FAQ, in `wiki_qa`'s layout. Its answers are paragraphs, not spans, so its questions
-  carry the gold document and no reference answer: they are scored on citing it, staying grounded in it and
-  abstaining when it is not indexed, not on matching words.
+- `faq_qa`: a QA set over that FAQ, in `wiki_qa`'s layout. Its answers are paragraphs; a question's reference is
+  its entry's first sentence where that sentence answers in one (`lead_sentence`), so the grounded task can teach
+  sentence answers and the evaluation can score them. Every question is also scored on citing its entry, staying
+  grounded in it and abstaining when it is not indexed.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from tandem.errors import NotInstalledError
 from tandem.evaluation import load_beir
+from tandem.prompts import MAX_ANSWER_CHARS
 from tandem.splits import position
 
 FAQ_DIR = "/usr/share/doc/python3.11/html/_sources/faq"
@@ -124,22 +126,40 @@ FAQ_REWORDINGS = ((re.compile(r"^How do I (.+)\?$"), "What is the way to {}?"),
                   (re.compile(r"^What is (.+)\?$"), "Can you explain what {} is?"))
 
 
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z`\"(])")
+
+
+def lead_sentence(text: str) -> str | None:
+    """An FAQ entry's first sentence, where it answers in one ("A try/except block is extremely efficient if no
+    exceptions are raised."); None where it only points elsewhere ("See the next question."), introduces an example
+    ("Users are often surprised by results like this::") or is too short or long to be a sentence answer."""
+    sentence = SENTENCE_END.split(" ".join(text.split("\n\n")[0].split()))[0]
+    if sentence.endswith(":") or sentence.startswith("See ") or len(sentence.split()) < 6 or \
+            len(sentence) > MAX_ANSWER_CHARS:
+        return None
+    return sentence
+
+
 def faq_wordings(heading: str, phrasings: int) -> list[str]:
     again = [t.format(m.group(1)) for pattern, t in FAQ_REWORDINGS if (m := pattern.match(heading))]
     return [heading, *again][:phrasings]
 
 
+FAQ_TEST = 0.4  # of ~170 entries: a test split of ~70 is large enough to tell arms apart, ~90 are left to train on
+
+
 def faq_qa(out: Path, source: str | None = None, phrasings: int = 2, held_out: float = 0.1) -> dict:
     """A QA set over the Python FAQ, from its BEIR set (`source`, e.g. tests/data/python_faq; None: built from the
     Debian FAQ first). Writes `corpus/faq.jsonl` and `qa.jsonl` as `wiki_qa` does, split by document. Each heading
-    is asked in up to `phrasings` wordings; its answer is its gold document (`answers` empty, `gold_docs` set).
-    A share `held_out` of the entries is left out of the corpus, and their questions become unanswerable where no
-    indexed entry has the same heading."""
+    is asked in up to `phrasings` wordings; its answer is its gold document (`gold_docs`) and, where the entry
+    leads with one, its first sentence (`answers`). A share `held_out` of the entries is left out of the corpus, and
+    their questions become unanswerable where no indexed entry has the same heading."""
     root = Path(source) if source else out / "beir"
     if not source:
         python_faq(root)
     corpus_path, queries, qrels = load_beir(root)
     corpus = [json.loads(line) for line in corpus_path.read_text().splitlines() if line.strip()]
+    leads = {d["_id"]: lead_sentence(d["text"]) for d in corpus}
     gold = {q: next(iter(docs)) for q, docs in qrels.items()}  # one relevant entry a question
     indexed = [d for d in corpus if not _held_out(d["_id"], held_out)]
     asked_of_indexed = {h for q, h in queries.items() if not _held_out(gold[q], held_out)}
@@ -151,8 +171,9 @@ def faq_qa(out: Path, source: str | None = None, phrasings: int = 2, held_out: f
             continue  # the FAQ asks it twice ("What is Python?") and the other entry is indexed
         for phrasing, question in enumerate(faq_wordings(heading, phrasings)):
             rows.append({"id": f"q{len(rows)}", "kind": "faq" if answerable else "unanswerable",
-                         "question": question, "answers": [], "gold_docs": [doc_id] if answerable else [],
-                         "phrasing": phrasing, "split": split_of(doc_id), "doc_id": doc_id})
+                         "question": question, "answers": [leads[doc_id]] if answerable and leads[doc_id] else [],
+                         "gold_docs": [doc_id] if answerable else [],
+                         "phrasing": phrasing, "split": split_of(doc_id, test=FAQ_TEST), "doc_id": doc_id})
     stats = {"documents": write_jsonl(out / "corpus" / "faq.jsonl",
                                       ({"id": d["_id"], "title": d["title"], "text": d["text"]} for d in indexed)),
              "questions": write_jsonl(out / "qa.jsonl", rows)}

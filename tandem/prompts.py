@@ -19,12 +19,16 @@ def rag_messages(question: str, passages: list[str]) -> list[dict]:
             {"role": "user", "content": f"Context:\n{context}\n\nQuestion: {question}"}]
 
 
+MAX_ANSWER_CHARS = 240  # a name, a date, or one sentence (the FAQ's answers are sentences)
+
+
 def answer_format(passages: int) -> dict:
     """The answer shape as an OpenAI `response_format` (json_schema), for constrained decoding: a short answer and
     sources that can only be the numbers of the passages given (none without passages)."""
     sources = {"type": "array", "items": {"type": "integer", "enum": list(range(1, passages + 1))} if passages else
                {"type": "integer"}, "maxItems": passages}
-    schema = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 120}, "sources": sources},
+    schema = {"type": "object",
+              "properties": {"answer": {"type": "string", "maxLength": MAX_ANSWER_CHARS}, "sources": sources},
               "required": ["answer", "sources"], "additionalProperties": False}
     return {"type": "json_schema", "json_schema": {"name": "rag_answer", "schema": schema}}
 

@@ -132,10 +132,11 @@ def build_grounded(cfg, out: Path) -> dict:
     from tandem.facts import counterfactuals, read_corpus
 
     e, d = cfg.evaluate, cfg.data
-    train = load_qa(e.qa, "train")
-    if any(q["gold_docs"] and not q["answers"] for q in train):
-        raise ConfigError(f"evaluate.qa={e.qa} has questions without reference answers (a document answers them), "
-                          "so no grounded reply can be labelled from it: use a span QA set such as wiki_qa")
+    # a question whose answer is a whole document and no sentence of it cannot be labelled: left out
+    train = [q for q in load_qa(e.qa, "train") if q["answers"] or not q["gold_docs"]]
+    if not any(q["answers"] for q in train):
+        raise ConfigError(f"evaluate.qa={e.qa} has no questions with reference answers (a whole document answers "
+                          "each), so no grounded reply can be labelled from it: use a span QA set such as wiki_qa")
     check_share("data.counterfactual_share", d.counterfactual_share)
     questions = pick(one_per_fact(train), d.rows * (3 if d.near_miss_share is not None else 1))
     corpus = Path(e.qa) / "corpus"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import regex
 
-from tandem.answers import Reply, compare, score_answer, summarize
+from tandem.answers import Reply, compare, comparisons, score_answer, summarize, verdict
 from tandem.datasets import faq_qa, split_of, wiki_qa, wiki_source
 from tandem.prompts import answer_format, parse_rag_answer
 from tandem.qa import load_qa
@@ -63,6 +63,10 @@ def test_paired_bootstrap_claims_only_real_differences():
     assert compare(a, better, "contains")["significant"] and compare(a, better, "contains")["delta"] == 0.5
     flat = compare(a, same, "contains")
     assert not flat["significant"] and flat["low"] < 0 < flat["high"]
+    # a named version against the tuned adapter with the same passages: is the candidate better than production?
+    compared = comparisons({"grounded_qa@1+rag": a, "tuned+rag": better, "grounded_qa@1": same}, samples=500)
+    assert [(c["from"], c["to"], c["metric"]) for c in compared] == [("grounded_qa@1+rag", "tuned+rag", "contains")]
+    assert verdict({}, compared)[0].startswith("the tuned adapter adds correctness to grounded_qa@1+rag (+0.50")
 
 
 def test_abstention_is_steered_only_on_the_reply_and_above_its_threshold():
@@ -134,13 +138,23 @@ def test_wiki_qa_is_split_by_document_with_unanswerable_questions(tmp_path):
 def test_faq_qa_asks_each_heading_in_two_wordings_and_holds_some_entries_out(tmp_path):
     stats = faq_qa(tmp_path, str(DATA / "python_faq"))
     rows = load_qa(tmp_path, "all")
-    indexed = {json.loads(line)["id"] for line in (tmp_path / "corpus" / "faq.jsonl").read_text().splitlines()}
+    entries = {d["id"]: " ".join(d["text"].split()) for d in map(json.loads, (tmp_path / "corpus" / "faq.jsonl")
+                                                                    .read_text().splitlines())}
+    indexed = set(entries)
     assert stats["questions"] == len(rows) and stats["documents"] == len(indexed) < 178
     for r in rows:
-        assert r["answers"] == [] and r["split"] == split_of(r["doc_id"])
+        assert r["split"] == split_of(r["doc_id"], test=0.4)
+        # the reference is the entry's first sentence, where it answers in one: a sentence of the indexed entry
+        assert all(a in entries[r["doc_id"]] and len(a.split()) >= 6 for a in r["answers"])
+        assert r["kind"] == "faq" or r["answers"] == []
         assert (r["kind"], r["gold_docs"]) == (("faq", [r["doc_id"]]) if r["doc_id"] in indexed
                                                else ("unanswerable", []))
     assert {r["kind"] for r in rows} == {"faq", "unanswerable"} and len(load_qa(tmp_path, "test")) < len(rows)
+    assert 0.5 < sum(bool(r["answers"]) for r in rows if r["kind"] == "faq") / stats["questions"] < 0.9
+    fast = next(r for r in rows if r["question"] == "How fast are exceptions?")
+    assert fast["answers"] == ["A try/except block is extremely efficient if no exceptions are raised."]
+    assert [r["answers"] for r in rows if r["question"] == "Why are floating-point calculations so inaccurate?"] \
+        == [[]]  # its entry leads with an example
     blocking = [r["question"] for r in rows if "blocking in the connect()" in r["question"]]
     assert blocking == ["How do I avoid blocking in the connect() method of a socket?",
                         "What is the way to avoid blocking in the connect() method of a socket?"]
@@ -151,7 +165,9 @@ def test_the_grounded_task_needs_span_answers(tmp_path):
     from tandem.errors import ConfigError
 
     faq_qa(tmp_path, str(DATA / "python_faq"))
-    with pytest.raises(ConfigError, match="without reference answers"):
+    qa = tmp_path / "qa.jsonl"  # a QA set whose answers are whole documents only
+    qa.write_text("".join(json.dumps({**json.loads(line), "answers": []}) + "\n" for line in qa.read_text().splitlines()))
+    with pytest.raises(ConfigError, match="no questions with reference answers"):
         prepare_main(["data.dataset=grounded_qa", f"evaluate.qa={tmp_path}", f"data.out={tmp_path / 'out'}"])
 
 

@@ -203,9 +203,9 @@ def test_alpaca_sharegpt_parquet_and_saved_datasets_pass_the_same_checks(workdir
     (tmp_path / "mixed.jsonl").write_text("\n".join(json.dumps(r) for r in sharegpt[:2] + bad[:1]) + "\n")
     store = DatasetStore(workdir / "datasets")
 
-    def add(name: str, path) -> list[dict]:
+    def add(name: str, path, *more) -> list[dict]:
         manifest = dataset_main(["add", f"name={name}", f"path={path}", "dataset.max_reject_fraction=0.5",
-                                 "dataset.eval_fraction=0.0"])
+                                 "dataset.eval_fraction=0.0", f"dataset.paths=[{','.join(map(str, more))}]"])
         return [*store.resolve(f"{name}@{manifest['version']}").rows()]
 
     rows = add("alpaca", tmp_path / "alpaca.json")
@@ -219,6 +219,9 @@ def test_alpaca_sharegpt_parquet_and_saved_datasets_pass_the_same_checks(workdir
     assert sorted(r["split"] for r in rows) == ["eval", "train", "train", "train"]  # the test split evaluates
     add("mixed", tmp_path / "mixed.jsonl")
     assert "bad role: observation" in (store.resolve("mixed@latest").path / "rejected.jsonl").read_text()
+    # two tasks in one version: every file's rows, each row checked, the sources recorded
+    rows = add("two", tmp_path / "alpaca.json", tmp_path / "sharegpt.parquet")
+    assert len(rows) == 8 and store.resolve("two@latest").manifest()["source"].endswith("sharegpt.parquet")
     (tmp_path / "rows.csv").write_text("instruction,output\n")
     with pytest.raises(ConfigError, match="expected .jsonl, .json, .parquet"):
         dataset_main(["add", "name=x", f"path={tmp_path / 'rows.csv'}"])

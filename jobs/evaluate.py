@@ -95,6 +95,12 @@ def calibration_lines(c: dict) -> list[str]:
             f"{share(c['abstained']['best'])}"]
 
 
+def metric_name(arm: str) -> str:
+    """MLflow metric names allow neither `+` nor `@`: base+rag is logged as base_rag, grounded_qa@1+rag as
+    grounded_qa:1_rag."""
+    return arm.replace("+", "_").replace("@", ":")
+
+
 def main(argv: list[str] | None = None) -> dict:
     cfg = JOB.config(sys.argv[1:] if argv is None else argv)
     e = cfg.evaluate
@@ -116,10 +122,9 @@ def main(argv: list[str] | None = None) -> dict:
     run_id = registry.start_run(f"evaluate-{e.split}", {"qa": str(e.qa), "split": e.split, "arms": arms,
                                                         "adapter": e.adapter, "questions": report["questions"]},
                                 {"kind": "evaluation"})
-    # MLflow metric names allow no `+`: base+rag.contains is logged as base_rag.contains
-    metrics = {f"{arm.replace('+', '_')}.{key}": v["mean"] for arm, s in report["arms"].items()
+    metrics = {f"{metric_name(arm)}.{key}": v["mean"] for arm, s in report["arms"].items()
                for key, v in s["all"].items()}
-    metrics |= {f"freshness.{arm.replace('+', '_')}.{key}": v
+    metrics |= {f"freshness.{metric_name(arm)}.{key}": v
                 for arm, s in report.get("freshness", {}).get("arms", {}).items() for key, v in s.items()}
     registry.log_metrics(run_id, metrics, 0)
     registry.end_run(run_id)

@@ -243,10 +243,12 @@ def test_decision_matrix_on_held_out_questions_and_fresh_facts(ray_cluster, milv
     out = tmp_path / "report.json"
     report = evaluate_main([f"evaluate.qa={small_qa}", f"store.uri={milvus_server}", "adapter=demo@1",
                             "evaluate.collection=qa_small", "evaluate.max_questions=8", "evaluate.max_new_tokens=16",
-                            "evaluate.arms=[base,base+rag,base+rag+guided,tuned+rag]", "evaluate.bootstrap=200",
+                            "evaluate.arms=[base,base+rag,base+rag+guided,tuned+rag,demo@1+rag]",
+                            "evaluate.bootstrap=200",
                             "evaluate.freshness=3", f"evaluate.output={out}",
                             "embedder.num_cpus=0.5"])  # fits beside a running app
-    assert report["questions"] == 8 and set(report["arms"]) == {"base", "base+rag", "base+rag+guided", "tuned+rag"}
+    assert report["questions"] == 8 and set(report["arms"]) == {"base", "base+rag", "base+rag+guided", "tuned+rag",
+                                                                "demo@1+rag"}
     rag = report["arms"]["base+rag"]["all"]
     assert rag["retrieved_gold"]["mean"] >= 0.5  # whole questions find their article
     assert "retrieved_gold" not in report["arms"]["base"]["all"]  # no retrieval, no passages to cite
@@ -254,7 +256,7 @@ def test_decision_matrix_on_held_out_questions_and_fresh_facts(ray_cluster, milv
     assert {c["metric"] for c in report["comparisons"]} >= {"contains", "valid"}
     assert report["verdict"] and all(s["latency_ms"] > 0 for s in report["arms"].values())
     answers = [json.loads(a) for a in out.with_suffix(".answers.jsonl").read_text().splitlines()]
-    assert len(answers) == 4 * 8 and len({a["id"] for a in answers}) == 8
+    assert len(answers) == 5 * 8 and len({a["id"] for a in answers}) == 8
     # constrained decoding: every guided answer is the answer's shape (citing only passages it was given), or, where
     # max_tokens (16 here) cut it, the start of one; the free base answers beside it are neither
     shape = response_regex(answer_format(3))
@@ -267,7 +269,10 @@ def test_decision_matrix_on_held_out_questions_and_fresh_facts(ray_cluster, milv
     assert any(c["step"] == "constrained decoding" and c["metric"] == "valid" for c in report["comparisons"])
     runs = Registry.from_config(serve_cfg).client.search_runs(
         [Registry.from_config(serve_cfg).experiment_id], "tags.kind = 'evaluation'")
-    assert runs and "base_rag.contains" in runs[0].data.metrics
+    assert runs and {"base_rag.contains", "demo:1_rag.contains"} <= set(runs[0].data.metrics)
+    # a named version is compared with the tuned arm of the same passages (here the same adapter: no difference)
+    same = [c for c in report["comparisons"] if c["from"] == "demo@1+rag" and c["to"] == "tuned+rag"]
+    assert same and all(c["delta"] == 0 and not c["significant"] for c in same)
     assert "freshness.base_rag.new" in runs[0].data.metrics
 
     # freshness: "Who wrote Dracula?" now has another author in its (re-indexed) article
@@ -275,7 +280,7 @@ def test_decision_matrix_on_held_out_questions_and_fresh_facts(ray_cluster, milv
     assert fresh["questions"] == 3 and fresh["retrieved_new"] >= 2 / 3, fresh
     assert fresh["arms"]["base"]["new"] == 0, fresh  # without retrieval, a fact changed today cannot be known
     assert all(0 <= s[k] <= 1 for s in fresh["arms"].values() for k in ("new", "old"))
-    assert all(set(c["replies"]) == {"base", "base+rag", "base+rag+guided", "tuned+rag"} for c in fresh["changes"])
+    assert all(set(c["replies"]) == set(report["arms"]) for c in fresh["changes"])  # every arm asked again
     users = MilvusClient(uri=milvus_server)
     try:  # the collection users query keeps the real facts
         change = fresh["changes"][0]

@@ -166,8 +166,8 @@ VERSION_METRICS = (("contains", "correctness"), ("f1", "token F1"), ("valid", "f
 def version_questions(arms) -> list[tuple]:
     out = []
     for arm in arms:
-        model, plus, flags = arm.partition("+")
-        if "@" in model and (tuned := f"tuned{plus}{flags}") in arms:
+        model = arm.split("+")[0]
+        if "@" in model and (tuned := "tuned" + arm.removeprefix(model)) in arms:
             out += [(None, "the tuned adapter", arm, tuned, key, what) for key, what in VERSION_METRICS]
     return out
 

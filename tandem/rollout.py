@@ -101,7 +101,7 @@ def variant_metrics(requests: list[dict], feedback: list[dict], route: str, sinc
     for variant in ("production", "base", "canary", "shadow"):
         rows = [r for r in requests if r["route"] == route and r["variant"] == variant and r["time"] >= since]
         # less the wait for the adapter's load: a replica's one-time cost, not how fast the adapter answers (a
-        # canary's first requests load it; with a handful of requests a step, that alone doubled its p95)
+        # canary's first requests load it; with a handful of requests a step, that alone came near doubling its p95)
         latencies = [round(r["latency_ms"] - (r.get("adapter_load_ms") or 0.0), 1) for r in rows
                      if r["status"] == "ok"]
         formats = [r["format_valid"] for r in rows if r["status"] == "ok" and r.get("format_valid") is not None]

@@ -160,7 +160,7 @@ def test_faq_qa_asks_each_heading_in_two_wordings_and_holds_some_entries_out(tmp
                         "What is the way to avoid blocking in the connect() method of a socket?"]
 
 
-def test_the_grounded_task_needs_span_answers(tmp_path):
+def test_the_grounded_task_needs_reference_answers(tmp_path):
     from jobs.prepare_data import main as prepare_main
     from tandem.errors import ConfigError
 

@@ -42,8 +42,8 @@ $(VLLM_STAMP):
 setup-vllm: $(VLLM_STAMP)
 
 demo: setup setup-vllm
-	# knowledge: 10,033 Wikipedia summaries and a QA set over them, split by document; 5% of the articles are left
-	# out of the index, so their questions have no answer (prune: an older demo index held them)
+	# knowledge: 10,033 Wikipedia summaries and a QA set over them, split by document; 5% of the articles (25% of the
+	# test split's) are left out of the index, so their questions have no answer (prune: an older index held them)
 	$(PY) -m jobs.prepare_data data.dataset=wiki_qa
 	$(PY) -m jobs.index corpus.path=.tandem/data/wiki_qa/corpus store.collection=wiki index.prune=true
 	$(PY) -m jobs.search store.collection=wiki search.query="$(DEMO_QUERY)"
@@ -69,9 +69,12 @@ demo: setup setup-vllm
 train: setup
 	$(PY) -m jobs.finetune dataset=grounded_qa@latest train.epochs=1 train.batch_size=2 train.max_length=1024 \
 		train.lr=1e-3 train.lr_schedule=cosine train.warmup_steps=10 train.checkpoint_every=15
-	# abstention calibrated on 200 dev-split questions: the threshold on the probability the adapter gives abstaining
-	# that answers significantly more of them right, tagged on its version; validation and the RAG routes use it
-	$(PY) -m jobs.evaluate adapter=grounded_qa@candidate evaluate.split=dev evaluate.calibrate=true
+	# abstention calibrated on 200 dev-split questions, half of them unanswerable: the threshold on the probability the
+	# adapter gives abstaining that answers significantly more of them right, tagged on its version; validation and the
+	# RAG routes use it. The share weighs abstaining against answering (README, "Abstention on 100 questions"): set
+	# evaluate.unanswerable_share to how often your users ask what the corpus does not hold
+	$(PY) -m jobs.evaluate adapter=grounded_qa@candidate evaluate.split=dev evaluate.calibrate=true \
+		evaluate.unanswerable_share=0.5
 	$(PY) -m jobs.validate adapter=grounded_qa@candidate validate.retention_docs=16
 
 serve: setup setup-vllm

@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     asked = OmegaConf.merge(cfg, {"evaluate": {
         "adapter": f"{name}@{number}", "arms": list(ARMS), "split": v.split, "max_questions": v.max_questions,
-        "max_new_tokens": v.max_new_tokens, "batch_size": v.batch_size, "bootstrap": v.bootstrap}})
+        "unanswerable_share": v.unanswerable_share, "max_new_tokens": v.max_new_tokens, "batch_size": v.batch_size,
+        "bootstrap": v.bootstrap}})
     matrix = run_matrix(asked, list(ARMS), models)
     answers = {arm: matrix.report["arms"][arm] for arm in ARMS}
 

@@ -152,7 +152,7 @@ def run_matrix(cfg, arms: list[str], models: Models | None = None) -> Matrix:
     compared pairwise with bootstrap intervals and summed up in a verdict. A bad arm fails before anything loads."""
     e = cfg.evaluate
     rag = {arm: parse_arm(arm, e.adapter).rag for arm in arms}
-    questions = pick(load_qa(e.qa, e.split), e.max_questions)
+    questions = pick(load_qa(e.qa, e.split), e.max_questions, e.unanswerable_share)
     if not questions:
         raise ConfigError(f"{e.qa} has no questions in split {e.split!r}")
     passages = passages_for(cfg, [Path(e.qa) / "corpus"], questions, e.collection, e.k, e.mode) \

@@ -116,6 +116,7 @@ class EvaluateConfig:
     arms: list = field(default_factory=lambda: ["base", "base+rag", "tuned", "tuned+rag"])
     adapter: Optional[str] = None  # NAME@ALIAS|VERSION of the `tuned` arms
     max_questions: int = 200  # spread evenly over the question kinds; 0: every question of the split
+    unanswerable_share: Optional[float] = None  # that share of max_questions unanswerable; null: one kind among many
     k: int = 3  # passages per question, as the assistant route retrieves
     mode: str = "hybrid"  # dense | bm25 | hybrid
     max_new_tokens: int = 64
@@ -282,7 +283,8 @@ class ExportConfig:
 class ValidateConfig:
     adapter: Optional[str] = None  # NAME@ALIAS or NAME@VERSION in the registry
     split: str = "test"  # the split of evaluate.qa asked: fixed and trusted, never the validated dataset's eval split
-    max_questions: int = 80  # test questions asked, taken in turn from each kind (16 unanswerable of 80)
+    max_questions: int = 100  # test questions asked: the unanswerable share, the rest in turn from each kind
+    unanswerable_share: Optional[float] = 0.4  # 40 of 100: abstention to +-0.13 (16 of 80 in turn: +-0.2)
     max_new_tokens: int = 64  # tokens generated per answer
     batch_size: int = 8  # questions per generate call
     bootstrap: int = 1000  # resamples for the intervals between base + RAG and tuned + RAG

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
@@ -131,6 +131,8 @@ def test_wiki_qa_is_split_by_document_with_unanswerable_questions(tmp_path):
             assert r["answers"] == r["gold_docs"] == [] and r["doc_id"] not in indexed
         else:
             assert r["gold_docs"] == [r["doc_id"]] and r["doc_id"] in indexed and r["answers"]
+    unanswerable = Counter(r["split"] for r in rows if r["kind"] == "unanswerable")
+    assert unanswerable["test"] > 150 and unanswerable["dev"] > 150  # the splits asked hold out a quarter, not 5%
     kubrick = [r["question"] for r in rows if r["doc_id"] == "2001: A Space Odyssey"]
     assert len(kubrick) >= 6 and "Who directed 2001: A Space Odyssey?" in kubrick  # 3 kinds x 2 phrasings
 
@@ -166,7 +168,8 @@ def test_the_grounded_task_needs_reference_answers(tmp_path):
 
     faq_qa(tmp_path, str(DATA / "python_faq"))
     qa = tmp_path / "qa.jsonl"  # a QA set whose answers are whole documents only
-    qa.write_text("".join(json.dumps({**json.loads(line), "answers": []}) + "\n" for line in qa.read_text().splitlines()))
+    qa.write_text("".join(json.dumps({**json.loads(line), "answers": []}) + "\n"
+                          for line in qa.read_text().splitlines()))
     with pytest.raises(ConfigError, match="no questions with reference answers"):
         prepare_main(["data.dataset=grounded_qa", f"evaluate.qa={tmp_path}", f"data.out={tmp_path / 'out'}"])
 

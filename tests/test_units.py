@@ -134,6 +134,23 @@ def test_grounded_rows_can_be_balanced_toward_near_misses():
         balance(pool, 10, 1.5)
 
 
+def test_questions_are_picked_in_turn_by_kind_or_with_a_share_of_unanswerable_ones():
+    from tandem.errors import ConfigError
+    from tandem.qa import pick
+
+    pool = ([{"id": f"t{i}", "kind": "title"} for i in range(50)] + [{"id": f"y{i}", "kind": "year"} for i in range(3)]
+            + [{"id": f"u{i}", "kind": "unanswerable"} for i in range(30)])
+    kinds = [q["kind"] for q in pick(pool, 9)]
+    assert kinds.count("unanswerable") == kinds.count("year") == kinds.count("title") == 3
+    assert len(pick(pool, 0)) == len(pool) and len(pick(pool, 0, 0.5)) == len(pool)
+    shared = pick(pool, 20, 0.5)
+    assert sum(q["kind"] == "unanswerable" for q in shared) == 10
+    assert sum(q["kind"] == "year" for q in shared) == 3 and len(shared) == 20  # the answerable in turn: every year
+    assert sum(q["kind"] == "unanswerable" for q in pick(pool, 100, 0.5)) == 30  # as many as there are
+    with pytest.raises(ConfigError, match="unanswerable_share=2"):
+        pick(pool, 10, 2)
+
+
 def test_served_answers_are_checked_against_the_passages_they_cite():
     from tandem.answers import served_grounding
 

@@ -149,34 +149,37 @@ QUESTIONS = (
     ("behaviour", "fine-tuning", "base+rag", "tuned+rag", "citation_precision", "citation precision"),
     ("behaviour", "fine-tuning", "base+rag", "tuned+rag", "abstained", "abstention on unanswerable questions"),
     ("behaviour", "fine-tuning", "base+rag", "tuned+rag", "contains", "correctness"),
-    ("behaviour", "constrained decoding", "base+rag", "base+rag+guided", "valid", "format validity"),
     ("behaviour", "fine-tuning", "base+rag+guided", "tuned+rag", "contains", "correctness"),
     ("behaviour", "fine-tuning", "base+rag+guided", "tuned+rag", "citation_precision", "citation precision"),
     ("behaviour", "fine-tuning", "base+rag+guided", "tuned+rag", "abstained", "abstention on unanswerable questions"),
 )
 
 
-# a named adapter version (an arm such as `grounded_qa@1+rag`) against the tuned adapter with the same passages and
-# decoding: is the candidate better than the version it would replace?
-VERSION_METRICS = (("contains", "correctness"), ("f1", "token F1"), ("valid", "format validity"),
-                   ("citation_precision", "citation precision"), ("grounded", "groundedness"),
-                   ("abstained", "abstention on unanswerable questions"))
+# what a pair of arms that differ in one thing is compared on
+PAIR_METRICS = (("contains", "correctness"), ("f1", "token F1"), ("valid", "format validity"),
+                ("citation_precision", "citation precision"), ("grounded", "groundedness"),
+                ("abstained", "abstention on unanswerable questions"))
 
 
-def version_questions(arms) -> list[tuple]:
+def pair_questions(arms) -> list[tuple]:
+    """The pairs the arms' names make: a named adapter version (`grounded_qa@1+rag`) against the tuned adapter with
+    the same passages and decoding (is the candidate better than the version it would replace?), and any arm with
+    constrained decoding against the same arm without it (what does holding this model to the format change?)."""
     out = []
     for arm in arms:
         model = arm.split("+")[0]
         if "@" in model and (tuned := "tuned" + arm.removeprefix(model)) in arms:
-            out += [(None, "the tuned adapter", arm, tuned, key, what) for key, what in VERSION_METRICS]
+            out += [(None, "the tuned adapter", arm, tuned, key, what) for key, what in PAIR_METRICS]
+        if "+guided" in arm and (free := arm.replace("+guided", "")) in arms:
+            out += [("behaviour", "constrained decoding", free, arm, key, what) for key, what in PAIR_METRICS]
     return out
 
 
 def comparisons(rows: dict[str, list[dict]], samples: int = 2000) -> list[dict]:
-    """Each of QUESTIONS whose two arms were run, and each named version against the tuned adapter, with its paired
-    bootstrap interval."""
+    """Each of QUESTIONS whose two arms were run, and each pair the arms' names make, with its paired bootstrap
+    interval."""
     out = []
-    for aspect, step, a, b, key, what in (*QUESTIONS, *version_questions(rows)):
+    for aspect, step, a, b, key, what in (*QUESTIONS, *pair_questions(rows)):
         if a in rows and b in rows and (c := compare(rows[a], rows[b], key, samples)) is not None:
             out.append({"aspect": aspect, "step": step, "from": a, "to": b, "metric": key, "what": what, **c})
     return out

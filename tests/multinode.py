@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -30,12 +31,20 @@ def main(workdir: str, milvus_uri: str, corpus: str, port: str) -> dict:
     os.environ.update(TANDEM_HOME=workdir, TANDEM_MILVUS_URI=milvus_uri,
                       MLFLOW_TRACKING_URI=f"sqlite:///{Path(workdir) / 'mlflow.db'}")
     small = ["site=cluster", f"mlflow.artifacts={Path(workdir) / 'mlartifacts'}"]  # + what a 3-CPU cluster fits
+    findings: dict = {"seconds": {}}
+    clock = time.monotonic()
+
+    def lap(phase: str) -> None:  # where the test's minutes go, printed with the findings
+        nonlocal clock
+        findings["seconds"][phase], clock = round(time.monotonic() - clock, 1), time.monotonic()
+
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": True,
                                                            "dashboard_host": "127.0.0.1"})
     gpu_nodes = [cluster.add_node(num_cpus=1, num_gpus=1).node_id for _ in range(2)]
     ray.init(address=cluster.address, log_to_driver=False)
     cluster.wait_for_nodes()
-    findings: dict = {"gpu_nodes": gpu_nodes, "head": ray.get_runtime_context().get_node_id()}
+    findings.update(gpu_nodes=gpu_nodes, head=ray.get_runtime_context().get_node_id())
+    lap("cluster")
 
     # Embedding: one actor per GPU, on the GPU nodes, each falling back to the CPU inside (no CUDA here).
     from jobs.index import main as index_main
@@ -45,6 +54,7 @@ def main(workdir: str, milvus_uri: str, corpus: str, port: str) -> dict:
                           "index.prepare_num_cpus=0.1", "index.io_num_cpus=0.1"])
     findings["index"] = {"chunks": summary["chunks_written"], "rows": summary["rows_after"],
                          "embedder_nodes": actor_nodes("MapWorker(MapBatches(EmbedChunks))")}
+    lap("index")
 
     # Train: two workers with a GPU each (ZeRO-2 over gloo, as there is no CUDA for NCCL).
     from jobs.dataset import main as dataset_main
@@ -58,6 +68,7 @@ def main(workdir: str, milvus_uri: str, corpus: str, port: str) -> dict:
                              "train.num_workers=2", "train.cpus_per_worker=0.5", "train.max_steps=2",
                              "train.checkpoint_every=2", "train.batch_size=1", "train.max_length=64"])
     findings["train"] = {"step": trained["metrics"]["step"], "worker_nodes": actor_nodes("RayTrainWorker")}
+    lap("train")
 
     # Serve: two LLM replicas asking for a GPU each, the base in 4-bit NF4 (as the site sets it); the Router and
     # Retriever need none. Both deployments autoscale, held at two replicas here.
@@ -80,6 +91,7 @@ def main(workdir: str, milvus_uri: str, corpus: str, port: str) -> dict:
                                 "serve.routes.assistant.collection=multinode"])
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": int(port)})
     serve.run(build_app(cfg), name="tandem", route_prefix="/")
+    lap("serve_start")
     llm = serve.get_deployment_handle("LLM", "tandem")
     reply = list(llm.options(stream=True).remote({"prompt": "Hello", "adapter": None, "max_tokens": 2,
                                                   "temperature": 0.0, "top_p": 1.0, "stop": []}))
@@ -100,9 +112,11 @@ def main(workdir: str, milvus_uri: str, corpus: str, port: str) -> dict:
     findings["serve"] = {"llm_nodes": actor_nodes("ServeReplica:tandem:LLM"),
                          "router_nodes": actor_nodes("ServeReplica:tandem:Router"),
                          "generated": reply[-1]["completion_tokens"]}
+    lap("serve_requests")
     serve.shutdown()
     ray.shutdown()
     cluster.shutdown()
+    lap("shutdown")
     print("FINDINGS " + json.dumps(findings), flush=True)
     return findings
 

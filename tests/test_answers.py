@@ -67,6 +67,13 @@ def test_paired_bootstrap_claims_only_real_differences():
     compared = comparisons({"grounded_qa@1+rag": a, "tuned+rag": better, "grounded_qa@1": same}, samples=500)
     assert [(c["from"], c["to"], c["metric"]) for c in compared] == [("grounded_qa@1+rag", "tuned+rag", "contains")]
     assert verdict({}, compared)[0].startswith("the tuned adapter adds correctness to grounded_qa@1+rag (+0.50")
+    # any arm held to the format against the same arm free: what constrained decoding changes for this model
+    valid = [{"valid": 1.0, "contains": float(i % 2)} for i in range(60)]
+    compared = comparisons({"tuned+rag": [{**r, "valid": 0.0} for r in valid], "tuned+guided+rag": valid}, samples=500)
+    assert [(c["from"], c["to"], c["metric"]) for c in compared] == [("tuned+rag", "tuned+guided+rag", "contains"),
+                                                                      ("tuned+rag", "tuned+guided+rag", "valid")]
+    assert verdict({}, compared)[1].startswith("missing behaviour: constrained decoding adds format validity to "
+                                               "tuned+rag (+1.00")
 
 
 def test_abstention_is_steered_only_on_the_reply_and_above_its_threshold():

@@ -81,7 +81,7 @@ serve: setup setup-vllm
 	$(PY) -m serving
 
 test: setup setup-vllm
-	$(PY) -m pytest tests --durations=15
+	$(PY) -m pytest tests --durations=30
 
 bench: setup
 	$(PY) bench/index.py

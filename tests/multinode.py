@@ -3,7 +3,7 @@ fake GPU each, to check where Tandem's GPU work lands with the cluster site (`si
 scaled down to three CPUs). Run by tests/test_cluster.py in its own process (a process
 holds one Ray connection); prints one JSON line of findings.
 
-    python tests/multinode.py WORKDIR MILVUS_URI CORPUS_DIR HTTP_PORT
+    python tests/multinode.py WORKDIR MILVUS_URI CORPUS_DIR HTTP_PORT MODELS_DIR
 """
 
 from __future__ import annotations
@@ -23,14 +23,15 @@ def actor_nodes(class_fragment: str) -> list[str]:
     return [a.node_id for a in list_actors(filters=[("class_name", "=", class_fragment)], limit=1000, detail=False)]
 
 
-def main(workdir: str, milvus_uri: str, corpus: str, port: str) -> dict:
+def main(workdir: str, milvus_uri: str, corpus: str, port: str, models: str) -> dict:
     import ray
     from ray.cluster_utils import Cluster
 
     # the cluster site, as cluster/site.yaml sets it up for every Ray pod: addresses from the environment
     os.environ.update(TANDEM_HOME=workdir, TANDEM_MILVUS_URI=milvus_uri,
                       MLFLOW_TRACKING_URI=f"sqlite:///{Path(workdir) / 'mlflow.db'}")
-    small = ["site=cluster", f"mlflow.artifacts={Path(workdir) / 'mlartifacts'}"]  # + what a 3-CPU cluster fits
+    # + what a 3-CPU cluster fits; the base converted once for the session (23 s a conversion)
+    small = ["site=cluster", f"mlflow.artifacts={Path(workdir) / 'mlartifacts'}", f"model.cache_dir={models}"]
     findings: dict = {"seconds": {}}
     clock = time.monotonic()
 
@@ -122,4 +123,4 @@ def main(workdir: str, milvus_uri: str, corpus: str, port: str) -> dict:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:6])

@@ -43,7 +43,8 @@ setup-vllm: $(VLLM_STAMP)
 
 demo: setup setup-vllm
 	# knowledge: 10,033 Wikipedia summaries and a QA set over them, split by document; 5% of the articles (25% of the
-	# test split's) are left out of the index, so their questions have no answer (prune: an older index held them)
+	# dev and test splits') are left out of the index, so their questions have no answer (prune: an older index held
+	# them)
 	$(PY) -m jobs.prepare_data data.dataset=wiki_qa
 	$(PY) -m jobs.index corpus.path=.tandem/data/wiki_qa/corpus store.collection=wiki index.prune=true
 	$(PY) -m jobs.search store.collection=wiki search.query="$(DEMO_QUERY)"

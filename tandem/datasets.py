@@ -25,6 +25,7 @@ from pathlib import Path
 
 from tandem.errors import NotInstalledError
 from tandem.evaluation import load_beir
+from tandem.facts import states
 from tandem.prompts import MAX_ANSWER_CHARS
 from tandem.splits import position
 
@@ -226,7 +227,10 @@ def wiki_questions(key: str, v: dict, unique: bool, words: Counter, rng: random.
     out = []
 
     def add(kind: str, questions: list[str], answers: list[str]) -> None:
-        out.extend({"kind": kind, "question": q, "answers": answers, "phrasing": i} for i, q in enumerate(questions))
+        # a question that states its answer ("When was Breathless (1960 film) released?") needs no passage, and
+        # one about an unindexed article would be answerable after all
+        out.extend({"kind": kind, "question": q, "answers": answers, "phrasing": i} for i, q in enumerate(questions)
+                   if not any(states(q, a) for a in answers))
 
     if unique and len(desc.split()) >= 3:
         person = v.get("topic") == "People"

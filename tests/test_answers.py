@@ -11,6 +11,7 @@ import regex
 
 from tandem.answers import Reply, compare, comparisons, score_answer, summarize, verdict
 from tandem.datasets import faq_qa, split_of, wiki_qa, wiki_source
+from tandem.facts import states
 from tandem.prompts import answer_format, parse_rag_answer
 from tandem.qa import load_qa
 from tandem.structured import response_regex
@@ -138,10 +139,12 @@ def test_wiki_qa_is_split_by_document_with_unanswerable_questions(tmp_path):
             assert r["answers"] == r["gold_docs"] == [] and r["doc_id"] not in indexed
         else:
             assert r["gold_docs"] == [r["doc_id"]] and r["doc_id"] in indexed and r["answers"]
+            assert not any(states(r["question"], a) for a in r["answers"])  # the passage is needed
     unanswerable = Counter(r["split"] for r in rows if r["kind"] == "unanswerable")
     assert unanswerable["test"] > 150 and unanswerable["dev"] > 150  # the splits asked hold out a quarter, not 5%
     kubrick = [r["question"] for r in rows if r["doc_id"] == "2001: A Space Odyssey"]
     assert len(kubrick) >= 6 and "Who directed 2001: A Space Odyssey?" in kubrick  # 3 kinds x 2 phrasings
+    assert not any(r["question"].startswith("When was Snow White and the Seven Dwarfs (1937 film)") for r in rows)
 
 
 def test_faq_qa_asks_each_heading_in_two_wordings_and_holds_some_entries_out(tmp_path):

@@ -68,7 +68,12 @@ def main(workdir: str, milvus_uri: str, corpus: str, port: str, models: str) -> 
     trained = finetune_main([*small, f"dataset=numbers@{version}", "train.backend=gloo",
                              "train.num_workers=2", "train.cpus_per_worker=0.5", "train.max_steps=2",
                              "train.checkpoint_every=2", "train.batch_size=1", "train.max_length=64"])
-    findings["train"] = {"step": trained["metrics"]["step"], "worker_nodes": actor_nodes("RayTrainWorker")}
+    from tandem.registry import Registry
+
+    # registered where the environment's MLFLOW_TRACKING_URI points, with its lineage
+    registered = Registry(os.environ["MLFLOW_TRACKING_URI"]).resolve("numbers@candidate")
+    findings["train"] = {"step": trained["metrics"]["step"], "worker_nodes": actor_nodes("RayTrainWorker"),
+                         "dataset": f"numbers@{version}", "registered_dataset": registered.tags["dataset"]}
     lap("train")
 
     # Serve: two LLM replicas asking for a GPU each, the base in 4-bit NF4 (as the site sets it); the Router and

@@ -110,44 +110,22 @@ def submit(address: str, env: dict, runtime_env: dict, *entrypoint: str) -> str:
                           text=True).stdout
 
 
-def test_index_job_through_ray_job_submit(head, milvus_server, wiki_rows, tmp_path):
+def test_index_job_on_the_cluster_site_through_ray_job_submit(head, milvus_server, wiki_rows, tmp_path):
+    """`site=cluster` as a RayJob uses it: the store's address from the job's environment, one GPU per embedding
+    actor (a GPU node the autoscaler adds for it; the actor finds no CUDA and embeds on the CPU)."""
     address, env = head
     corpus = write_corpus(tmp_path / "corpus", wiki_rows[:20])
     summary = tmp_path / "summary.json"
-    logs = submit(address, env, {}, "python", "-m", "jobs.index", f"corpus.path={corpus}",
-                  f"store.uri={milvus_server}", "store.collection=submitted", f"index.summary_path={summary}")
+    site = {"TANDEM_HOME": str(tmp_path / "home"), "TANDEM_MILVUS_URI": milvus_server}
+    logs = submit(address, env, {"env_vars": site}, "python", "-m", "jobs.index", "site=cluster",
+                  f"corpus.path={corpus}", "store.collection=submitted", f"index.summary_path={summary}",
+                  # what the autoscaler's 1-CPU GPU nodes and the 2-CPU head fit
+                  "embedder.num_actors=1", "embedder.num_cpus=0.5", "index.prepare_actors=1",
+                  "index.prepare_num_cpus=0.5")
     result = json.loads(summary.read_text())
     assert result["documents_indexed"] == 20 and result["rows_after"] == result["chunks_written"] >= 20
     assert f"chunks: {result['chunks_written']} written" in logs
-
-
-def test_finetune_job_on_the_cluster_site_through_ray_job_submit(head, workdir, milvus_server, tmp_path,
-                                                                  monkeypatch):
-    """`site=cluster` as a RayJob uses it: addresses from the job's environment, one GPU per Train worker (a GPU
-    node the autoscaler adds for it; the worker finds no CUDA and trains on the CPU over gloo), the adapter
-    registered."""
-    from jobs.dataset import main as dataset_main
-    from tandem.registry import Registry
-
-    address, env = head
-    home = tmp_path / "home"  # the job's own TANDEM_HOME (the shared volume on a cluster); the converted base is reused
-    rows = tmp_path / "rows.jsonl"
-    rows.write_text("".join(json.dumps({"prompt": f"Spell {n}.", "response": f"{n} is spelt {n}."}) + "\n"
-                            for n in ("one", "two", "three", "four", "five", "six", "seven", "eight")))
-    version = dataset_main(["add", f"workdir={home}", "name=spelling", f"path={rows}",
-                            "dataset.eval_fraction=0.25"])["version"]
-    tracking = f"sqlite:///{home / 'mlflow.db'}"
-    site = {"TANDEM_HOME": str(home), "TANDEM_MILVUS_URI": milvus_server, "MLFLOW_TRACKING_URI": tracking}
-    logs = submit(address, env, {"env_vars": site}, "python", "-m", "jobs.finetune", "site=cluster",
-                  f"dataset.ref=spelling@{version}", "train.num_workers=1", "train.cpus_per_worker=1",
-                  "train.backend=gloo", "train.max_steps=2", "train.checkpoint_every=2", "train.batch_size=2",
-                  "train.max_length=64", f"model.cache_dir={workdir / 'models'}",
-                  f"mlflow.artifacts={home / 'mlartifacts'}")
-    assert '"step": 2' in logs, logs[-3000:]
-    assert gpu_nodes(address, env) >= 1  # the head has none: the autoscaler added a node for the worker's GPU
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)  # MLflow exports the URI it is given; undone after the test
-    registered = Registry(tracking).resolve("spelling@candidate")
-    assert registered.tags["dataset"] == f"spelling@{version}"
+    assert gpu_nodes(address, env) >= 1  # the head has none: the autoscaler added a node for the embedding actor
 
 
 def test_gpu_work_lands_on_gpu_nodes_of_a_multinode_cluster(workdir, milvus_server, wiki_rows, tmp_path):
@@ -164,6 +142,7 @@ def test_gpu_work_lands_on_gpu_nodes_of_a_multinode_cluster(workdir, milvus_serv
     assert sorted(findings["index"]["embedder_nodes"]) == gpu_nodes
     assert findings["index"]["rows"] == findings["index"]["chunks"] >= 30
     assert sorted(findings["train"]["worker_nodes"]) == gpu_nodes and findings["train"]["step"] == 2
+    assert findings["train"]["registered_dataset"] == findings["train"]["dataset"]
     assert sorted(findings["serve"]["llm_nodes"]) == gpu_nodes
     assert findings["serve"]["generated"] == 2
     # two Retriever replicas on two nodes share the Milvus server URI; every concurrent request got its hits

@@ -28,7 +28,7 @@ import sys
 
 from tandem.abstention import TAG, calibrate
 from tandem.answers import Reply
-from tandem.arms import run_matrix
+from tandem.arms import parse_arm, run_matrix
 from tandem.commandline import Job, run
 from tandem.config import RANKING_KEYS, require
 from tandem.errors import ConfigError
@@ -108,6 +108,9 @@ def main(argv: list[str] | None = None) -> dict:
     if e.calibrate:
         require(e.adapter, "evaluate.adapter")
     arms = [CALIBRATED] if e.calibrate else list(e.arms)
+    if e.freshness and not any(parse_arm(arm, e.adapter).rag for arm in arms):
+        raise ConfigError(f"evaluate.freshness={e.freshness} changes facts in what the arms with RAG search; "
+                          f"evaluate.arms={arms} has none (add base+rag or tuned+rag)")
     registry = Registry.from_config(cfg)
     matrix = run_matrix(cfg, arms)
     report = matrix.report

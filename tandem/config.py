@@ -123,7 +123,8 @@ class EvaluateConfig:
     batch_size: int = 8  # questions per generate call
     bootstrap: int = 2000  # resamples for the paired confidence intervals
     freshness: int = 0  # facts changed, re-indexed and asked again of every arm (tandem/freshness.py); 0: none
-    freshness_collection: str = "${evaluate.collection}_fresh"  # where the changed documents are indexed
+    # a copy of evaluate.collection, made anew each run, where the changed documents are indexed
+    freshness_collection: str = "${evaluate.collection}_fresh"
     # tuned + RAG answers the split (dev) undecided, and the adapter version gets the abstention threshold that
     # answers the most questions right (tandem/abstention.py); its later arms with RAG, and the app, use it
     calibrate: bool = False

@@ -2,8 +2,8 @@
 ask again. An arm that retrieves should give the new fact at once; an arm without retrieval cannot know it.
 
 The check runs on its own collection (`evaluate.freshness_collection`), so the collection users query never holds a
-made-up fact: each run first re-indexes the QA set's corpus there (incremental: only the documents the last run
-changed are embedded again), then the changed copies of the picked documents.
+made-up fact: each run makes it a copy of the QA set's collection (vectors and all: nothing is embedded again), then
+indexes the changed copies of the picked documents into it.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ def check_freshness(cfg, arms: list[str], models) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "changed.jsonl").write_text("".join(json.dumps(f["doc"], ensure_ascii=False) + "\n"
                                                          for f in facts))
-        passages = passages_for(cfg, [corpus, Path(tmp)], questions, e.freshness_collection, e.k, e.mode)
+        passages = passages_for(cfg, [Path(tmp)], questions, e.freshness_collection, e.k, e.mode,
+                                copy_of=e.collection)
     replies = {arm: [Reply.parse(g.text) for g in ask(models, cfg, arm, questions, passages)] for arm in arms}
 
     def share(arm: str, answers_of) -> float:

@@ -157,8 +157,7 @@ class CollectionSpec:
 def ensure_collection(client: MilvusClient, spec: CollectionSpec) -> None:
     """Create the chunk collection if it is missing; refuse one whose vectors have another dimension."""
     if client.has_collection(spec.name):
-        dense = next(f for f in client.describe_collection(spec.name)["fields"] if f["name"] == "dense")
-        dim = int(dense["params"]["dim"])
+        dim = collection_dim(client, spec.name)
         if dim != spec.dim:
             raise ValueError(f"collection {spec.name!r} holds {dim}-dim vectors but the embedder makes {spec.dim}")
         client.load_collection(spec.name)
@@ -189,6 +188,39 @@ def ensure_collection(client: MilvusClient, spec: CollectionSpec) -> None:
         index.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
     client.create_collection(spec.name, schema=schema, index_params=index, num_shards=spec.num_shards)
     client.load_collection(spec.name)
+
+
+def collection_dim(client: MilvusClient, collection: str) -> int:
+    dense = next(f for f in client.describe_collection(collection)["fields"] if f["name"] == "dense")
+    return int(dense["params"]["dim"])
+
+
+def copy_collection(client: MilvusClient, source: str, spec: CollectionSpec, batch: int = 512) -> int:
+    """`spec.name` made anew as a copy of `source`'s rows, their vectors included (BM25's are derived again from the
+    text), so a variant of an indexed corpus costs a copy, not embedding it all again; returns the rows copied.
+    `spec` gives the copy's index settings (its dim must be the source's)."""
+    if spec.name == source:
+        raise ValueError(f"collection {source!r} cannot be copied onto itself")
+    if client.has_collection(spec.name):
+        client.drop_collection(spec.name)
+    ensure_collection(client, spec)
+    copied, rows = 0, []
+    for row in _iterate(client, source, "", [*FIELDS, "dense"]):
+        rows.append({k: row[k] for k in (*FIELDS, "dense")})
+        if len(rows) == batch:
+            copied += _insert(client, spec.name, rows)
+    copied += _insert(client, spec.name, rows)
+    client.flush(spec.name)
+    return copied
+
+
+def _insert(client: MilvusClient, collection: str, rows: list[dict]) -> int:
+    """Insert and empty `rows`."""
+    n = len(rows)
+    if rows:
+        client.insert(collection, rows)
+        rows.clear()
+    return n
 
 
 def quote(s: str) -> str:

@@ -64,17 +64,29 @@ def one_per_fact(questions: list[dict], seed: int = 0) -> list[dict]:
     return [rng.choice(v) for v in facts.values()]
 
 
-def passages_for(cfg, corpora: list[Path], questions: list[dict], collection: str, k: int,
-                 mode: str) -> list[list[dict]]:
+def passages_for(cfg, corpora: list[Path], questions: list[dict], collection: str, k: int, mode: str,
+                 copy_of: str | None = None) -> list[list[dict]]:
     """The passages each question gets from the app's retriever, once `corpora` are indexed (incrementally, in
-    order: a later one's documents replace an earlier one's) into `collection`; each {doc_id, title, text}."""
+    order: a later one's documents replace an earlier one's) into `collection`, which first becomes a copy of the
+    collection `copy_of` where one is named; each {doc_id, title, text}."""
     from tandem.embedding import Embedder
+    from tandem.errors import ConfigError
     from tandem.indexing import run_index
-    from tandem.milvus import connect, milvus_endpoint
+    from tandem.milvus import CollectionSpec, collection_dim, connect, copy_collection, milvus_endpoint
     from tandem.retrieval import Retriever
     from tandem.runtime import ray_session
 
     with ray_session(cfg.ray), milvus_endpoint(cfg.store.uri) as uri:
+        if copy_of:
+            client = connect(uri)
+            try:
+                if not client.has_collection(copy_of):
+                    raise ConfigError(f"collection {copy_of!r} does not exist: nothing to copy into {collection!r}")
+                spec = CollectionSpec.from_config(OmegaConf.merge(cfg.store, {"collection": collection}),
+                                                  collection_dim(client, copy_of))
+                copy_collection(client, copy_of, spec)
+            finally:
+                client.close()
         for corpus in corpora:
             run_index(OmegaConf.merge(cfg, {"corpus": {"path": str(corpus)}, "store": {"collection": collection}}),
                       uri)

@@ -55,6 +55,11 @@ def test_arms_name_a_model_then_optional_rag_and_guided_decoding():
     for bad in ("base+rag+rag", "base+json", "tuned", "gpt"):
         with pytest.raises(ConfigError, match="arm"):
             parse_arm(bad, None)
+    from jobs.evaluate import main as evaluate_main
+
+    # freshness changes facts in what the RAG arms search: without one, refused before anything loads
+    with pytest.raises(ConfigError, match=r"evaluate.freshness=3 changes facts .* has none \(add base\+rag"):
+        evaluate_main(["evaluate.freshness=3", "evaluate.arms=[base]"])
 
 
 def test_paired_bootstrap_claims_only_real_differences():
@@ -299,10 +304,12 @@ def test_decision_matrix_on_held_out_questions_and_fresh_facts(ray_cluster, milv
         change = fresh["changes"][0]
         stored = users.query("qa_small", filter=f'doc_id == "{change["doc_id"]}"', output_fields=["text"])
         changed = users.query("qa_small_fresh", filter=f'doc_id == "{change["doc_id"]}"', output_fields=["text"])
+        rows = [users.query(c, output_fields=["count(*)"])[0]["count(*)"] for c in ("qa_small", "qa_small_fresh")]
     finally:
         users.close()
     assert change["old"][0] in " ".join(r["text"] for r in stored)
     assert change["new"] in " ".join(r["text"] for r in changed)
+    assert rows[0] == rows[1] > 300  # a copy of the QA set's collection, its changed documents re-indexed
 
     # route `assistant` (conf/serve.yaml) names adapter grounded_qa, never registered here: RAG first, no traceback
     page = report_main(["route=assistant", f"report.evaluate={out}", f"report.output={tmp_path / 'report.html'}"])

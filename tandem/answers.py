@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 import re
 import string
+import unicodedata
 from dataclasses import dataclass
 
 from tandem.prompts import parse_rag_answer
@@ -25,7 +26,9 @@ her their our your my me him us there here than then so such into over under abo
 
 
 def normalize(text: str) -> str:
-    text = "".join(c for c in text.lower() if c not in string.punctuation)
+    """SQuAD's, with accents folded: "Eugene Delacroix" names the painter the reference spells "Eugène"."""
+    text = "".join(c for c in unicodedata.normalize("NFKD", text.lower())
+                   if c not in string.punctuation and not unicodedata.combining(c))
     return " ".join(ARTICLES.sub(" ", text).split())
 
 

@@ -43,6 +43,10 @@ def test_answer_metrics():
     assert cited == {**cited, "answerable": True, "citation_precision": 1.0, "false_abstention": 0.0, "grounded": 1.0}
     assert not {"exact", "f1", "contains", "abstained"} & set(cited)
     assert score_answer(abstain, [], ["2001"], PASSAGES)["false_abstention"] == 1.0
+    # accents folded: an answer in plain letters names the same painter
+    painter = score_answer(Reply.parse('{"answer": "Eugene Delacroix", "sources": [1]}'), ["Eugène Delacroix"],
+                           ["Liberty"], [{"doc_id": "Liberty", "text": "A painting by Eugène Delacroix."}])
+    assert painter["exact"] == painter["contains"] == painter["grounded"] == 1.0
 
 
 def test_arms_name_a_model_then_optional_rag_and_guided_decoding():

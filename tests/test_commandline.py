@@ -87,10 +87,15 @@ def test_sweep_over_search_time_keys(ray_cluster, milvus_server, tmp_path):
 def test_the_wheel_installs_and_runs(workdir, tmp_path):
     """`pip install .` as a plain wheel into a new venv (dependencies reused from this one): the `tandem` command
     finds conf/ inside the package and runs a job."""
-    # from a clean copy: setuptools' in-tree build/ would keep files the checkout has since deleted
+    # from a clean copy of what git would commit: setuptools' in-tree build/ would keep files the checkout has since
+    # deleted, and what git ignores (the venvs: gigabytes) is no part of the package
     source = tmp_path / "source"
-    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv", ".tandem", "build", "*.egg-info",
-                                                                "__pycache__", ".pytest_cache"))
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        if (REPO / name).is_file():  # not a file deleted since the last commit
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, source / name)
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(wheels)], check=True, capture_output=True, timeout=300)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import sys
 
-from tandem.abstention import TAG, calibrate
+from tandem.abstention import calibrate, threshold_tag
 from tandem.answers import Reply
 from tandem.arms import parse_arm, run_matrix
 from tandem.commandline import Job, run
@@ -52,7 +52,8 @@ def format_table(report: dict) -> str:
         cells = [f"{s['all'][c]['mean']:>11.3f}" if c in s["all"] else f"{'-':>11}" for c in COLUMNS]
         lines.append(f"{arm:<{width}}" + "".join(cells) + f"{s['latency_ms']:>11.0f}{s['completion_tokens']:>11.1f}")
     lines += [f"{arm} abstains where it gives abstaining at least {s['abstain_threshold']:.4f} (its adapter version's "
-              f"calibration)" for arm, s in report["arms"].items() if s.get("abstain_threshold") is not None]
+              f"calibration for {report['collection']})" for arm, s in report["arms"].items()
+              if s.get("abstain_threshold") is not None]
     fresh = freshness_lines(report["freshness"]) if "freshness" in report else []
     return "\n".join(lines + [""] + report["verdict"] + fresh)
 
@@ -68,13 +69,15 @@ def calibrate_abstention(cfg, registry: Registry, matrix) -> dict:
                       [s["contains"] if s["answerable"] else None for s in scores], cfg.evaluate.bootstrap)
     tau = found.threshold
     version = registry.resolve(cfg.evaluate.adapter)
+    tag = threshold_tag(cfg.evaluate.collection)
     if tau is None:
-        if TAG in version.tags:
-            registry.client.delete_model_version_tag(version.name, version.version, TAG)
+        if tag in version.tags:
+            registry.client.delete_model_version_tag(version.name, version.version, tag)
     else:
-        registry.client.set_model_version_tag(version.name, version.version, TAG, repr(tau))
+        registry.client.set_model_version_tag(version.name, version.version, tag, repr(tau))
     greedy, best = found.curve[0], found.best
-    return {"adapter": f"{version.name}@{version.version}", "threshold": tau, "split": cfg.evaluate.split,
+    return {"adapter": f"{version.name}@{version.version}", "threshold": tau, "collection": cfg.evaluate.collection,
+            "split": cfg.evaluate.split,
             "best": best[0], "gain": found.gain, "right": {"greedy": round(greedy[1], 4), "best": round(best[1], 4)},
             "abstained": {"greedy": greedy[2], "best": best[2]},
             "curve": [{"threshold": t, "right": round(r, 4), "abstained": a} for t, r, a in found.curve]}
@@ -85,8 +88,9 @@ def calibration_lines(c: dict) -> list[str]:
         return "-" if x is None else f"{x:.2f}"
 
     gain = c["gain"]
-    told = f"abstention threshold {c['threshold']:.4f} recorded on {c['adapter']}" if c["threshold"] is not None \
-        else f"no threshold answers significantly more questions right than greedy decoding: none on {c['adapter']}"
+    told = f"abstention threshold {c['threshold']:.4f} recorded on {c['adapter']} for {c['collection']}" \
+        if c["threshold"] is not None else ("no threshold answers significantly more questions right than greedy "
+                                            f"decoding: none on {c['adapter']} for {c['collection']}")
     best = "-" if c["best"] is None else f"{c['best']:.4f}"
     return ["", f"calibration on the {c['split']} split: {told}",
             f"  answered right: greedy {c['right']['greedy']:.3f}, at the best threshold ({best}) "

@@ -365,9 +365,11 @@ class Router:
             code="llm_unavailable")
 
     def _threshold(self, route, adapter: str | None) -> float | None:
-        """The adapter version's calibrated abstention threshold, on a RAG route (where its prompt asks for
-        abstention)."""
-        return self.table.thresholds.get(adapter) if route.cfg.rag else None
+        """The adapter version's abstention threshold calibrated on the route's collection, on a RAG route (where
+        its prompt asks for abstention)."""
+        if not route.cfg.rag:
+            return None
+        return self.table.thresholds.get(adapter, {}).get(route.cfg.collection or self.cfg.store.collection)
 
     def _prompt(self, messages: list[dict]) -> tuple[str, int]:
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

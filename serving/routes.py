@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tandem.abstention import TAG
+from tandem.abstention import thresholds
 from tandem.canary import BASE, CANARY, PRODUCTION, assign
 from tandem.config import route_config
 from tandem.errors import UnknownVersionError
@@ -57,7 +57,7 @@ class RouteTable:
         self.routes: dict[str, Route] = {}
         self.pins: dict[tuple[str, str], str | None] = {}
         self.versions: list[dict] = []
-        self.thresholds: dict[str, float] = {}  # adapter id -> its calibrated abstention threshold
+        self.thresholds: dict[str, dict[str, float]] = {}  # adapter id -> collection -> its abstention threshold
         self.refresh()
 
     def refresh(self) -> None:
@@ -66,8 +66,7 @@ class RouteTable:
         self.routes = {name: self._resolve(name, route_config(cfg)) for name, cfg in self.routes_cfg.items()}
         self.pins = {}  # pinned `adapter@alias` ids resolve again, as of this refresh
         self.versions = self._versions(self._described())
-        self.thresholds = {v["id"]: v["tandem"]["abstain_threshold"] for v in self.versions
-                           if v["tandem"]["abstain_threshold"] is not None}
+        self.thresholds = {v["id"]: v["tandem"]["abstain_thresholds"] for v in self.versions}
 
     def _version(self, adapter: str, which: str) -> str | None:
         try:
@@ -134,7 +133,8 @@ class RouteTable:
         return described
 
     def _versions(self, described: list[dict]) -> list[dict]:
-        """Every version of the routes' adapters as a /v1/models entry, with its aliases, dataset and threshold."""
+        """Every version of the routes' adapters as a /v1/models entry, with its aliases, dataset and abstention
+        thresholds by collection."""
         data = []
         for desc in described:
             by_version: dict[str, list[str]] = {}
@@ -145,5 +145,5 @@ class RouteTable:
                              "owned_by": "tandem", "parent": self.base_name,
                              "tandem": {"kind": "adapter", "aliases": sorted(by_version.get(str(v["version"]), [])),
                                         "dataset": v["tags"].get("dataset"),
-                                        "abstain_threshold": float(v["tags"][TAG]) if TAG in v["tags"] else None}})
+                                        "abstain_thresholds": thresholds(v["tags"])}})
         return data

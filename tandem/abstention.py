@@ -6,8 +6,10 @@ where that token is the likeliest, so how often an adapter abstains swings from 
 answerable ones. Calibration (`jobs.evaluate evaluate.calibrate=true`, on the dev split) reads that probability for
 every question, picks the τ that answers the most questions right (a correct answer, or an abstention where the
 passages hold none) and, where that is significantly more than greedy decoding answers right, records it on the
-adapter version (tag `abstain_threshold`); evaluation, validation and the RAG routes of the app then decode that
-version with it.
+adapter version for the collection the questions were answered from (tag `abstain_threshold.<collection>`);
+evaluation, validation and the app's RAG routes over that collection then decode that version with it. Per
+collection, because the probability is not comparable across corpora: the τ that Wikipedia questions gave the
+Wikipedia + FAQ adapter (0.025) made it abstain on all 95 FAQ test questions, 84 of them answerable.
 """
 
 from __future__ import annotations
@@ -17,7 +19,16 @@ from dataclasses import dataclass
 from tandem.answers import compare
 from tandem.prompts import rag_answer
 
-TAG = "abstain_threshold"  # the adapter version's tag holding its τ
+TAG_PREFIX = "abstain_threshold."  # + a collection: the adapter version's tag holding its τ there
+
+
+def threshold_tag(collection: str) -> str:
+    return TAG_PREFIX + collection
+
+
+def thresholds(tags: dict) -> dict[str, float]:
+    """An adapter version's calibrated thresholds by collection, read from its tags."""
+    return {k.removeprefix(TAG_PREFIX): float(v) for k, v in tags.items() if k.startswith(TAG_PREFIX)}
 
 
 def abstention_tokens(tokenizer) -> tuple[int, ...]:

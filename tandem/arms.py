@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from tandem.abstention import TAG, Abstention, abstention_tokens
+from tandem.abstention import Abstention, abstention_tokens, thresholds
 from tandem.answers import Reply, comparisons, score_answer, summarize, verdict
 from tandem.errors import ConfigError
 from tandem.generation import Generated, generate_replies
@@ -64,10 +64,10 @@ class Models:
             self._registry = Registry.from_config(self.cfg)
         return self._registry
 
-    def threshold(self, ref: str) -> float | None:
-        """The adapter version's calibrated abstention threshold (tandem/abstention.py), None before calibration."""
-        tags = self.registry.resolve(ref).tags
-        return float(tags[TAG]) if TAG in tags else None
+    def threshold(self, ref: str, collection: str) -> float | None:
+        """The adapter version's abstention threshold calibrated on `collection` (tandem/abstention.py), None before
+        calibration there."""
+        return thresholds(self.registry.resolve(ref).tags).get(collection)
 
     @contextlib.contextmanager
     def use(self, ref: str | None):
@@ -122,10 +122,11 @@ class Matrix:
 
 
 def arm_threshold(models: Models, cfg, arm: str) -> float | None:
-    """The abstention threshold an arm answers with: its adapter version's, with RAG, as the app's RAG routes
-    serve it; none while that threshold is being calibrated (`evaluate.calibrate`)."""
+    """The abstention threshold an arm answers with: its adapter version's for the QA set's collection, with RAG,
+    as the app's RAG routes over that collection serve it; none while that threshold is being calibrated
+    (`evaluate.calibrate`)."""
     ref, rag, _ = parse_arm(arm, cfg.evaluate.adapter)
-    return models.threshold(ref) if ref and rag and not cfg.evaluate.calibrate else None
+    return models.threshold(ref, cfg.evaluate.collection) if ref and rag and not cfg.evaluate.calibrate else None
 
 
 def ask(models: Models, cfg, arm: str, questions: list[dict], passages: list[list[dict]]) -> list[Generated]:
@@ -165,7 +166,8 @@ def run_matrix(cfg, arms: list[str], models: Models | None = None) -> Matrix:
     kinds = sorted({q["kind"] for q in questions})
     summaries = {arm: summary(scores[arm], generated[arm], questions, kinds, thresholds[arm]) for arm in arms}
     compared = comparisons(scores, e.bootstrap)
-    report = {"qa": str(e.qa), "split": e.split, "adapter": e.adapter, "questions": len(questions),
+    report = {"qa": str(e.qa), "split": e.split, "collection": e.collection, "adapter": e.adapter,
+              "questions": len(questions),
               "kinds": {k: sum(q["kind"] == k for q in questions) for k in kinds}, "k": e.k, "mode": e.mode,
               "arms": summaries, "comparisons": compared,
               "verdict": verdict({a: s["all"] for a, s in summaries.items()}, compared)}

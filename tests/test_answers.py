@@ -326,13 +326,15 @@ def test_calibration_tags_the_adapter_version_and_its_rag_arms_abstain_by_it(ser
                                                                              tmp_path):
     """`evaluate.calibrate=true`: tuned + RAG answers undecided, the threshold that answers the most questions right
     is recorded on the adapter version (none where greedy decoding does as well), and from then on the version's arms
-    with RAG abstain wherever the model gives abstaining that probability; its arms without RAG are not steered."""
+    with RAG abstain wherever the model gives abstaining that probability; its arms without RAG are not steered.
+    Thresholds are per collection: another corpus's is not used."""
     from jobs.evaluate import main as evaluate_main
-    from tandem.abstention import TAG
+    from tandem.abstention import threshold_tag
     from tandem.prompts import rag_answer
     from tandem.registry import Registry
 
     registry = Registry.from_config(serve_cfg)
+    here, elsewhere = threshold_tag("qa_small"), threshold_tag("faq")
     common = [f"evaluate.qa={small_qa}", f"store.uri={milvus_server}", "evaluate.collection=qa_small",
               "evaluate.max_questions=6", "evaluate.max_new_tokens=16", "evaluate.bootstrap=50",
               "embedder.num_cpus=0.5"]
@@ -343,16 +345,18 @@ def test_calibration_tags_the_adapter_version_and_its_rag_arms_abstain_by_it(ser
         assert list(report["arms"]) == ["tuned+rag"] and c["adapter"] == "ro@2" and c["curve"][0]["threshold"] is None
         assert c["right"]["best"] == max(p["right"] for p in c["curve"]) >= c["right"]["greedy"] and "gain" in c
         tags = registry.client.get_model_version("ro", "2").tags
-        assert (float(tags[TAG]) if TAG in tags else None) == c["threshold"]
+        assert (float(tags[here]) if here in tags else None) == c["threshold"] and c["collection"] == "qa_small"
         answers = [json.loads(a) for a in (tmp_path / "calibration.answers.jsonl").read_text().splitlines()]
         assert len(answers) == 6 and all(0 <= a["abstain_score"] <= 1 for a in answers)
 
-        registry.client.set_model_version_tag("ro", "2", TAG, "1e-09")
+        registry.client.set_model_version_tag("ro", "2", here, "1e-09")
+        registry.client.set_model_version_tag("ro", "2", elsewhere, "0.99")
         steered = evaluate_main([*common, "adapter=ro@2", "evaluate.arms=[tuned+rag,tuned]",
                                  f"evaluate.output={tmp_path / 'steered.json'}"])
     finally:
-        registry.client.delete_model_version_tag("ro", "2", TAG)
-    assert steered["arms"]["tuned+rag"]["abstain_threshold"] == 1e-09
+        for tag in (here, elsewhere):
+            registry.client.delete_model_version_tag("ro", "2", tag)
+    assert steered["arms"]["tuned+rag"]["abstain_threshold"] == 1e-09  # qa_small's, not the FAQ's
     assert steered["arms"]["tuned"]["abstain_threshold"] is None
     replies = [json.loads(a) for a in (tmp_path / "steered.answers.jsonl").read_text().splitlines()]
     assert all(r["reply"] == rag_answer("", []) for r in replies if r["arm"] == "tuned+rag"), replies

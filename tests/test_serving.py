@@ -118,23 +118,25 @@ def test_a_guided_route_answers_in_the_rag_shape_without_an_adapter(client):
 def calibrated(client, serve_cfg, version: str, threshold: str):
     """The adapter version tagged with an abstention threshold (as `evaluate.calibrate=true` tags it) while the block
     runs; on entry and on exit, until the app's routers have seen the change (a request is served from the table of
-    the last refresh, so later tests get the version as it was)."""
-    from tandem.abstention import TAG
+    the last refresh, so later tests get the version as it was). The threshold is the assistant route's
+    collection's (`wiki`)."""
+    from tandem.abstention import threshold_tag
 
     def seen(value):
         deadline = time.monotonic() + 30
-        while {m.id: m.model_extra for m in client.models.list().data}[version]["tandem"]["abstain_threshold"] != value:
+        while {m.id: m.model_extra for m in client.models.list().data}[version]["tandem"]["abstain_thresholds"] \
+                .get("wiki") != value:
             assert time.monotonic() < deadline, f"the routers did not see {version}'s threshold become {value}"
             time.sleep(0.5)
 
     name, number = version.split("@")
     registry = Registry.from_config(serve_cfg).client
-    registry.set_model_version_tag(name, number, TAG, threshold)
+    registry.set_model_version_tag(name, number, threshold_tag("wiki"), threshold)
     try:
         seen(float(threshold))
         yield
     finally:
-        registry.delete_model_version_tag(name, number, TAG)
+        registry.delete_model_version_tag(name, number, threshold_tag("wiki"))
         seen(None)
 
 
@@ -151,7 +153,8 @@ def test_a_calibrated_adapter_version_abstains_above_its_threshold(client, serve
         versions = {m.id: m.model_extra["tandem"] for m in client.models.list().data if "@" in m.id}
     assert free.choices[0].message.content != rag_answer("", [])
     assert steered.choices[0].message.content == rag_answer("", []) and steered.choices[0].finish_reason == "stop"
-    assert versions["demo@3"]["abstain_threshold"] == 1e-09 and versions["demo@1"]["abstain_threshold"] is None
+    assert versions["demo@3"]["abstain_thresholds"] == {"wiki": 1e-09}
+    assert versions["demo@1"]["abstain_thresholds"] == {}
 
 
 def test_streaming_matches_the_whole_answer(client):

@@ -7,9 +7,9 @@ never trained on.
 - Answers: base + RAG and tuned + RAG answer the same questions of the fixed test split of evaluate.qa (split by
   document, so no test fact was trained on; never the eval split of the dataset being validated, which its own
   traffic may have shaped), scored as `jobs.evaluate` scores them; tuned + RAG abstains by the version's calibrated
-  threshold for evaluate.collection, if it has one (tandem/abstention.py), as the app will serve it. Fails when tuned + RAG falls below
-  validate.min_valid (format), min_contains (correctness), min_citation_precision or min_abstained (on
-  unanswerable questions), or is not better than base + RAG.
+  threshold for evaluate.collection, if it has one (tandem/abstention.py), as the app will serve it. Fails when
+  tuned + RAG falls below validate.min_valid (format), min_contains (correctness), min_citation_precision or
+  min_abstained (on unanswerable questions), or is not better than base + RAG.
 - Quantization report: measured weight memory of the base in fp32 / bf16 / int8 / nf4.
 Passing sets the `validated` alias; either way the metrics and reasons are tagged on the version and logged as an
 MLflow run.

@@ -125,8 +125,9 @@ class EvaluateConfig:
     freshness: int = 0  # facts changed, re-indexed and asked again of every arm (tandem/freshness.py); 0: none
     # a copy of evaluate.collection, made anew each run, where the changed documents are indexed
     freshness_collection: str = "${evaluate.collection}_fresh"
-    # tuned + RAG answers the split (dev) undecided, and the adapter version gets the abstention threshold that
-    # answers the most questions right (tandem/abstention.py); its later arms with RAG, and the app, use it
+    # tuned + RAG answers the split (dev) undecided, and the adapter version gets, for evaluate.collection, the
+    # abstention threshold that answers the most questions right (tandem/abstention.py); its later arms with RAG
+    # over that collection, and the app's routes over it, use it
     calibrate: bool = False
     output: str = "${workdir}/evaluate/${evaluate.split}.json"
 

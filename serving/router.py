@@ -279,8 +279,8 @@ class Router:
         sources = []
         if route.cfg.rag:
             question = messages[-1]["content"]
-            hits = await self._retrieve(question, route.cfg.collection or self.cfg.store.collection, route.cfg.k,
-                                        route.cfg.mode, route.cfg.filter, key)
+            hits = await self._retrieve(question, self._collection(route), route.cfg.k, route.cfg.mode,
+                                        route.cfg.filter, key)
             sources = [{"index": i, **h} for i, h in enumerate(hits, start=1)]
             system, user = rag_messages(question, [h["text"] for h in hits])
             messages = [system, *[m for m in messages[:-1] if m["role"] != "system"], user]
@@ -367,9 +367,10 @@ class Router:
     def _threshold(self, route, adapter: str | None) -> float | None:
         """The adapter version's abstention threshold calibrated on the route's collection, on a RAG route (where
         its prompt asks for abstention)."""
-        if not route.cfg.rag:
-            return None
-        return self.table.thresholds.get(adapter, {}).get(route.cfg.collection or self.cfg.store.collection)
+        return self.table.thresholds.get(adapter, {}).get(self._collection(route)) if route.cfg.rag else None
+
+    def _collection(self, route) -> str:
+        return route.cfg.collection or self.cfg.store.collection
 
     def _prompt(self, messages: list[dict]) -> tuple[str, int]:
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

@@ -8,6 +8,7 @@ would reach a Milvus server, and one code path serves both.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import json
 import signal
 import socket
@@ -204,23 +205,14 @@ def copy_collection(client: MilvusClient, source: str, spec: CollectionSpec, bat
     if client.has_collection(spec.name):
         client.drop_collection(spec.name)
     ensure_collection(client, spec)
-    copied, rows = 0, []
-    for row in _iterate(client, source, "", [*FIELDS, "dense"]):
-        rows.append({k: row[k] for k in (*FIELDS, "dense")})
-        if len(rows) == batch:
-            copied += _insert(client, spec.name, rows)
-    copied += _insert(client, spec.name, rows)
+    fields = [*FIELDS, "dense"]
+    rows = ({k: row[k] for k in fields} for row in _iterate(client, source, "", fields))
+    copied = 0
+    while part := list(itertools.islice(rows, batch)):
+        client.insert(spec.name, part)
+        copied += len(part)
     client.flush(spec.name)
     return copied
-
-
-def _insert(client: MilvusClient, collection: str, rows: list[dict]) -> int:
-    """Insert and empty `rows`."""
-    n = len(rows)
-    if rows:
-        client.insert(collection, rows)
-        rows.clear()
-    return n
 
 
 def quote(s: str) -> str:

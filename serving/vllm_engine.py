@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 import ray
+from ray.exceptions import TaskCancelledError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from serving.vllm_worker import VLLMWorker
@@ -96,6 +97,10 @@ class VLLMEngine:
                 emit(await ref)
         except asyncio.CancelledError:
             raise
+        except TaskCancelledError:
+            # Ray cancelled the caller's call before `cancel` got here, and with it this stream (Ray cancels a task's
+            # children): the worker's generate was cancelled, and vLLM aborts a cancelled request. Not a failure.
+            self.cancelled += 1
         except Exception as e:  # the worker or its engine failed: this request's caller learns it, others go on
             logger.error("vLLM request %s failed: %s", request_id, e)
             emit({"error": f"the vLLM engine failed this request ({type(e).__name__})"})

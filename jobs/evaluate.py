@@ -51,34 +51,46 @@ def format_table(report: dict) -> str:
     for arm, s in report["arms"].items():
         cells = [f"{s['all'][c]['mean']:>11.3f}" if c in s["all"] else f"{'-':>11}" for c in COLUMNS]
         lines.append(f"{arm:<{width}}" + "".join(cells) + f"{s['latency_ms']:>11.0f}{s['completion_tokens']:>11.1f}")
-    lines += [f"{arm} abstains where it gives abstaining at least {s['abstain_threshold']:.4f} (its adapter version's "
-              f"calibration for {report['collection']})" for arm, s in report["arms"].items()
+    lines += [f"{arm} abstains where it gives abstaining at least {rule_text(s['abstain_threshold'])} (its adapter "
+              f"version's calibration for {report['collection']})" for arm, s in report["arms"].items()
               if s.get("abstain_threshold") is not None]
     fresh = freshness_lines(report["freshness"]) if "freshness" in report else []
     return "\n".join(lines + [""] + report["verdict"] + fresh)
 
 
+def rule_text(rule: dict) -> str:
+    """{"threshold": 0.1578} -> 0.1578; with a retrieval weight, how it moves with the top passage's score."""
+    if "retrieval_weight" not in rule:
+        return f"{rule['threshold']:.4f}"
+    return f"σ(logit {rule['threshold']:.4f} + {rule['retrieval_weight']:.1f}·(s − {rule['top_score']:.4f})) at " \
+           f"top passage score s ({rule['mode']})"
+
+
 def calibrate_abstention(cfg, registry: Registry, matrix) -> dict:
     """The tuned + RAG arm's answers -> the adapter version's abstention threshold, tagged on it (or removed where
-    none does significantly better than greedy decoding), with the curve it was picked from."""
+    none does significantly better than greedy decoding), with the curve it was picked from. The threshold may move
+    with each question's top passage score (tandem/abstention.py)."""
     generated, scores = matrix.generated[CALIBRATED], matrix.scores[CALIBRATED]
     if any(s["answerable"] and "contains" not in s for s in scores):
         raise ConfigError(f"evaluate.qa={cfg.evaluate.qa}: calibration scores answers against reference answers; "
                           "this set's questions are answered by whole documents (use a span QA set such as wiki_qa)")
+    top_scores = [ps[0]["score"] for ps in matrix.passages] if all(matrix.passages) else None
     found = calibrate([g.abstain_score for g in generated], [Reply.parse(g.text).abstained for g in generated],
-                      [s["contains"] if s["answerable"] else None for s in scores], cfg.evaluate.bootstrap)
-    tau = found.threshold
+                      [s["contains"] if s["answerable"] else None for s in scores], cfg.evaluate.bootstrap, top_scores)
+    rule = found.rule(cfg.evaluate.mode)
     version = registry.resolve(cfg.evaluate.adapter)
     tag = threshold_tag(cfg.evaluate.collection)
-    if tau is None:
+    if rule is None:
         if tag in version.tags:
             registry.client.delete_model_version_tag(version.name, version.version, tag)
     else:
-        registry.client.set_model_version_tag(version.name, version.version, tag, repr(tau))
+        registry.client.set_model_version_tag(version.name, version.version, tag, rule.tag())
     greedy, best = found.curve[0], found.best
-    return {"adapter": f"{version.name}@{version.version}", "threshold": tau, "collection": cfg.evaluate.collection,
-            "split": cfg.evaluate.split,
-            "best": best[0], "gain": found.gain, "right": {"greedy": round(greedy[1], 4), "best": round(best[1], 4)},
+    return {"adapter": f"{version.name}@{version.version}", "threshold": rule and rule.to_dict(),
+            "collection": cfg.evaluate.collection, "split": cfg.evaluate.split, "best": best[0],
+            "retrieval_weight": found.retrieval_weight, "top_score": found.top_score, "gain": found.gain,
+            "right": {"greedy": round(greedy[1], 4), "one_threshold": round(found.single, 4),
+                      "best": round(best[1], 4)},
             "abstained": {"greedy": greedy[2], "best": best[2]},
             "curve": [{"threshold": t, "right": round(r, 4), "abstained": a} for t, r, a in found.curve]}
 
@@ -88,13 +100,15 @@ def calibration_lines(c: dict) -> list[str]:
         return "-" if x is None else f"{x:.2f}"
 
     gain = c["gain"]
-    told = f"abstention threshold {c['threshold']:.4f} recorded on {c['adapter']} for {c['collection']}" \
+    told = f"abstention threshold {rule_text(c['threshold'])} recorded on {c['adapter']} for {c['collection']}" \
         if c["threshold"] is not None else ("no threshold answers significantly more questions right than greedy "
                                             f"decoding: none on {c['adapter']} for {c['collection']}")
     best = "-" if c["best"] is None else f"{c['best']:.4f}"
     return ["", f"calibration on the {c['split']} split: {told}",
-            f"  answered right: greedy {c['right']['greedy']:.3f}, at the best threshold ({best}) "
-            f"{c['right']['best']:.3f} ({gain['delta']:+.3f}, 95% CI {gain['low']:+.3f}..{gain['high']:+.3f}); "
+            f"  answered right: greedy {c['right']['greedy']:.3f}, at one threshold for every question "
+            f"{c['right']['one_threshold']:.3f}, at the best threshold ({best}, retrieval weight "
+            f"{c['retrieval_weight']:.1f}) {c['right']['best']:.3f} ({gain['delta']:+.3f} on greedy, 95% CI "
+            f"{gain['low']:+.3f}..{gain['high']:+.3f}); "
             f"abstained on unanswerable: greedy {share(c['abstained']['greedy'])}, at the best threshold "
             f"{share(c['abstained']['best'])}"]
 

@@ -304,7 +304,7 @@ class Router:
         payload = {"prompt": prompt, "adapter": choice.adapter, "max_tokens": max_tokens,
                    "temperature": body.temperature or 0.0, "top_p": body.top_p or 1.0, "stop": body.stop or [],
                    "ignore_eos": body.ignore_eos, "regex": regex,
-                   "abstain_threshold": self._threshold(route, choice.adapter)}
+                   "abstain_threshold": self._threshold(route, choice.adapter, sources)}
         events = self._generate(payload)
         record = {"request_id": request_id, "model": body.model, "route": route.name, "variant": choice.variant,
                   "adapter": choice.adapter, "key_id": key.id if key else None,
@@ -317,7 +317,8 @@ class Router:
             shadow = {**record, "variant": "shadow", "adapter": route.canary,
                       "request_id": f"shadow-{request_id.removeprefix('chatcmpl-')}", "shadow_of": request_id}
             self.shadows.add(asyncio.create_task(self._shadow(
-                {**payload, "adapter": route.canary, "abstain_threshold": self._threshold(route, route.canary)},
+                {**payload, "adapter": route.canary,
+                 "abstain_threshold": self._threshold(route, route.canary, sources)},
                 shadow, sources)))
         try:  # the first event before any answer is sent: a full queue or an unloadable adapter is a status code
             first = await events.__anext__()
@@ -364,10 +365,11 @@ class Router:
             503, f"generation failed; the server log has the details under {record['request_id']}",
             code="llm_unavailable")
 
-    def _threshold(self, route, adapter: str | None) -> float | None:
-        """The adapter version's abstention threshold calibrated on the route's collection, on a RAG route (where
-        its prompt asks for abstention)."""
-        return self.table.thresholds.get(adapter, {}).get(self._collection(route)) if route.cfg.rag else None
+    def _threshold(self, route, adapter: str | None, sources: list[dict]) -> float | None:
+        """The adapter version's abstention threshold calibrated on the route's collection, at the top passage's
+        score, on a RAG route (where its prompt asks for abstention)."""
+        rule = self.table.thresholds.get(adapter, {}).get(self._collection(route)) if route.cfg.rag else None
+        return rule.at(sources[0]["score"] if sources else None, route.cfg.mode) if rule else None
 
     def _collection(self, route) -> str:
         return route.cfg.collection or self.cfg.store.collection

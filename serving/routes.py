@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tandem.abstention import thresholds
+from tandem.abstention import Threshold, thresholds
 from tandem.canary import BASE, CANARY, PRODUCTION, assign
 from tandem.config import route_config
 from tandem.errors import UnknownVersionError
@@ -57,7 +57,7 @@ class RouteTable:
         self.routes: dict[str, Route] = {}
         self.pins: dict[tuple[str, str], str | None] = {}
         self.versions: list[dict] = []
-        self.thresholds: dict[str, dict[str, float]] = {}  # adapter id -> collection -> its abstention threshold
+        self.thresholds: dict[str, dict[str, Threshold]] = {}  # adapter id -> collection -> its abstention threshold
         self.refresh()
 
     def refresh(self) -> None:
@@ -66,7 +66,8 @@ class RouteTable:
         self.routes = {name: self._resolve(name, route_config(cfg)) for name, cfg in self.routes_cfg.items()}
         self.pins = {}  # pinned `adapter@alias` ids resolve again, as of this refresh
         self.versions = self._versions(self._described())
-        self.thresholds = {v["id"]: v["tandem"]["abstain_thresholds"] for v in self.versions}
+        self.thresholds = {v["id"]: {c: Threshold(**t) for c, t in v["tandem"]["abstain_thresholds"].items()}
+                           for v in self.versions}
 
     def _version(self, adapter: str, which: str) -> str | None:
         try:
@@ -145,5 +146,6 @@ class RouteTable:
                              "owned_by": "tandem", "parent": self.base_name,
                              "tandem": {"kind": "adapter", "aliases": sorted(by_version.get(str(v["version"]), [])),
                                         "dataset": v["tags"].get("dataset"),
-                                        "abstain_thresholds": thresholds(v["tags"])}})
+                                        "abstain_thresholds": {c: t.to_dict()
+                                                               for c, t in thresholds(v["tags"]).items()}}})
         return data

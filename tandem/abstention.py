@@ -10,11 +10,20 @@ adapter version for the collection the questions were answered from (tag `abstai
 evaluation, validation and the app's RAG routes over that collection then decode that version with it. Per
 collection, because the probability is not comparable across corpora: the τ that Wikipedia questions gave the
 Wikipedia + FAQ adapter (0.025) made it abstain on all 95 FAQ test questions, 84 of them answerable.
+
+Calibration also weighs the retrieval: where the top passage scored lower (on hybrid search, dense and BM25 did not
+agree on it), the passages more often do not hold the answer (on the Wikipedia test split, 67 of 100 unanswerable
+questions against 18 of 100 answerable ones), so the bar drops with that score: τ(s) = σ(logit τ + w·(s − s_top)).
+The weight w is the one among a few that answers the most dev questions right (0: one τ, as before); the rule holds
+for the search mode it was fitted on.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import math
+import statistics
+from dataclasses import dataclass, replace
 
 from tandem.answers import compare
 from tandem.prompts import rag_answer
@@ -22,13 +31,61 @@ from tandem.prompts import rag_answer
 TAG_PREFIX = "abstain_threshold."  # + a collection: the adapter version's tag holding its τ there
 
 
+RETRIEVAL_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)  # tried, in spreads of the model's logit per spread of the score
+
+
 def threshold_tag(collection: str) -> str:
     return TAG_PREFIX + collection
 
 
-def thresholds(tags: dict) -> dict[str, float]:
+@dataclass(frozen=True)
+class Threshold:
+    """An adapter version's abstention threshold on one collection: τ where the top passage scores `top_score` under
+    `mode` search, and how far the logit of τ moves per unit of that score (`retrieval_weight`; 0: τ everywhere)."""
+    threshold: float
+    retrieval_weight: float = 0.0
+    top_score: float | None = None
+    mode: str | None = None
+
+    def __post_init__(self):
+        if not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"abstain threshold {self.threshold}: expected a probability in (0, 1]")
+        if self.retrieval_weight and (self.top_score is None or self.mode is None):
+            raise ValueError(f"retrieval weight {self.retrieval_weight} needs the top score and search mode it was "
+                             f"fitted at: got {self.top_score}, {self.mode}")
+
+    def at(self, score: float | None, mode: str) -> float:
+        """τ for a question whose top passage scored `score` under `mode` search; τ itself where the rule was fitted
+        on another mode or nothing was retrieved."""
+        if not self.retrieval_weight or mode != self.mode or score is None:
+            return self.threshold
+        return _sigmoid(_logit(self.threshold) + self.retrieval_weight * (score - self.top_score))
+
+    def to_dict(self) -> dict:
+        return {"threshold": self.threshold} | ({"retrieval_weight": self.retrieval_weight, "top_score": self.top_score,
+                                                 "mode": self.mode} if self.retrieval_weight else {})
+
+    def tag(self) -> str:
+        """The tag's value: τ alone, as before weights, or the rule as JSON."""
+        return repr(self.threshold) if not self.retrieval_weight else json.dumps(self.to_dict())
+
+    @classmethod
+    def parse(cls, value: str) -> "Threshold":
+        return cls(**json.loads(value)) if value.lstrip().startswith("{") else cls(float(value))
+
+
+def thresholds(tags: dict) -> dict[str, Threshold]:
     """An adapter version's calibrated thresholds by collection, read from its tags."""
-    return {k.removeprefix(TAG_PREFIX): float(v) for k, v in tags.items() if k.startswith(TAG_PREFIX)}
+    return {k.removeprefix(TAG_PREFIX): Threshold.parse(v) for k, v in tags.items() if k.startswith(TAG_PREFIX)}
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-12), 1 - 1e-12)
+    return math.log(p / (1 - p))
+
+
+def _sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-min(max(z, -30.0), 30.0)))  # never 0 or 1: still a probability in (0, 1]
 
 
 def abstention_tokens(tokenizer) -> tuple[int, ...]:
@@ -75,16 +132,17 @@ def _force(logits, token: int) -> None:
 
 
 class AbstentionLogits:
-    """`Abstention` as a transformers logits processor for `generate` (offline evaluation); `scores` holds each
-    row's least probability of the abstention reply's tokens (1.0 for a row that never reached a choice)."""
+    """`Abstention` as a transformers logits processor for `generate` (offline evaluation), one per row (each
+    question has its own threshold); `scores` holds each row's least probability of the abstention reply's tokens
+    (1.0 for a row that never reached a choice)."""
 
-    def __init__(self, abstention: Abstention, rows: int, prompt_length: int):
-        self.abstention, self.prompt_length = abstention, prompt_length
-        self.scores = [1.0] * rows
+    def __init__(self, abstentions: list[Abstention], prompt_length: int):
+        self.abstentions, self.prompt_length = abstentions, prompt_length
+        self.scores = [1.0] * len(abstentions)
 
     def __call__(self, input_ids, scores):
         for i, written in enumerate(input_ids[:, self.prompt_length :].tolist()):
-            p = self.abstention.steer(written, scores[i])
+            p = self.abstentions[i].steer(written, scores[i])
             if p is not None:
                 self.scores[i] = min(self.scores[i], p)
         return scores
@@ -93,11 +151,15 @@ class AbstentionLogits:
 @dataclass(frozen=True)
 class Calibration:
     """What `calibrate` found: the curve [(τ, share right, abstention on unanswerable)], greedy decoding (τ None)
-    first; its best point (ties go to the higher τ: fewer abstentions); and that point's gain in questions answered
-    right over greedy decoding, with a paired bootstrap interval."""
+    first; its best point (ties go to the higher τ: fewer abstentions); that point's gain in questions answered right
+    over greedy decoding, with a paired bootstrap interval; the retrieval weight it was found at (τ is then the
+    threshold at `top_score`), and the share right at the best single threshold (weight 0), for comparison."""
     curve: list[tuple]
     best: tuple
     gain: dict
+    retrieval_weight: float = 0.0
+    top_score: float | None = None
+    single: float | None = None
 
     @property
     def threshold(self) -> float | None:
@@ -106,16 +168,40 @@ class Calibration:
         significant; -0.04 correctness on test)."""
         return self.best[0] if self.gain["significant"] and self.gain["delta"] > 0 else None
 
+    def rule(self, mode: str) -> Threshold | None:
+        """What to record for questions searched with `mode`, or None."""
+        if self.threshold is None:
+            return None
+        weighted = bool(self.retrieval_weight)
+        return Threshold(self.threshold, self.retrieval_weight, self.top_score if weighted else None,
+                         mode if weighted else None)
 
-def calibrate(scores: list[float], abstained: list[bool], right: list[float | None],
-              samples: int = 2000) -> Calibration:
+
+def calibrate(scores: list[float], abstained: list[bool], right: list[float | None], samples: int = 2000,
+              top_scores: list[float] | None = None) -> Calibration:
     """Each τ among the scores, against greedy decoding. Per question: the model's score, whether greedy decoding
     abstained, and whether its answer was right (None: the question has no answer, so abstaining is right). A
     question abstains under τ where greedy decoding did or its score reaches τ; it is answered right where it
-    abstains without an answer, or answers right."""
-    if not scores or not len(scores) == len(abstained) == len(right):
-        raise ValueError(f"calibration needs one score, abstention and outcome per question: got {len(scores)}, "
-                         f"{len(abstained)}, {len(right)}")
+    abstains without an answer, or answers right.
+
+    With `top_scores` (each question's top passage score), each of RETRIEVAL_WEIGHTS too: a score p becomes
+    σ(logit p − w·(s − s_top)), which reaches τ exactly where p reaches τ(s) (`Threshold.at`). The weight that
+    answers the most questions right is kept (ties: the smaller)."""
+    if not scores or not len(scores) == len(abstained) == len(right) == len(top_scores or scores):
+        raise ValueError(f"calibration needs one score, abstention, outcome (and top passage score, if any) per "
+                         f"question: got {len(scores)}, {len(abstained)}, {len(right)}, {len(top_scores or [])}")
+    single = found = _calibrate(scores, abstained, right, samples)
+    if top_scores and len(set(top_scores)) > 1 and len(set(scores)) > 1:
+        top = max(top_scores)
+        spread = statistics.pstdev([_logit(p) for p in scores]) / statistics.pstdev(top_scores)
+        for w in (m * spread for m in RETRIEVAL_WEIGHTS if m):
+            weighed = [_sigmoid(_logit(p) - w * (s - top)) for p, s in zip(scores, top_scores)]
+            if (c := _calibrate(weighed, abstained, right, samples)).best[1] > found.best[1]:
+                found = replace(c, retrieval_weight=w, top_score=top)
+    return replace(found, single=single.best[1])
+
+
+def _calibrate(scores: list[float], abstained: list[bool], right: list[float | None], samples: int) -> Calibration:
     unanswerable = sum(r is None for r in right)
     curve, outcomes = [], {}
     for tau in [None, *sorted({s for s, a in zip(scores, abstained) if not a}, reverse=True)]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from tandem.abstention import Abstention, abstention_tokens, thresholds
+from tandem.abstention import Abstention, Threshold, abstention_tokens, thresholds
 from tandem.answers import Reply, comparisons, score_answer, summarize, verdict
 from tandem.errors import ConfigError
 from tandem.generation import Generated, generate_replies
@@ -64,7 +64,7 @@ class Models:
             self._registry = Registry.from_config(self.cfg)
         return self._registry
 
-    def threshold(self, ref: str, collection: str) -> float | None:
+    def threshold(self, ref: str, collection: str) -> Threshold | None:
         """The adapter version's abstention threshold calibrated on `collection` (tandem/abstention.py), None before
         calibration there."""
         return thresholds(self.registry.resolve(ref).tags).get(collection)
@@ -92,13 +92,15 @@ class Models:
         yield self.model
 
     def answer(self, ref: str | None, prompts: list[list[dict]], max_new_tokens: int, batch_size: int,
-               formats: list[dict] | None = None, threshold: float | None = None) -> list[Generated]:
+               formats: list[dict] | None = None, thresholds: list[float | None] | None = None) -> list[Generated]:
         """Greedy answers, each scored for how likely it was to abstain; `formats` (a response_format per prompt)
-        constrain their decoding, and `threshold` steers them to the abstention reply (tandem/abstention.py)."""
+        constrain their decoding, and `thresholds` (one per prompt) steer them to the abstention reply
+        (tandem/abstention.py)."""
         guides = [self.guides.guide(response_regex(f)) for f in formats] if formats else None
+        abstentions = [Abstention(self.abstention, t, self.tokenizer.eos_token_id)
+                       for t in thresholds or [None] * len(prompts)]
         with self.use(ref) as model:
-            return generate_replies(model, self.tokenizer, prompts, max_new_tokens, batch_size, guides,
-                                    Abstention(self.abstention, threshold, self.tokenizer.eos_token_id))
+            return generate_replies(model, self.tokenizer, prompts, max_new_tokens, batch_size, guides, abstentions)
 
 
 @dataclass
@@ -121,7 +123,7 @@ class Matrix:
                 for q, ps, g, s in zip(self.questions, self.passages, self.generated[arm], self.scores[arm])]
 
 
-def arm_threshold(models: Models, cfg, arm: str) -> float | None:
+def arm_threshold(models: Models, cfg, arm: str) -> Threshold | None:
     """The abstention threshold an arm answers with: its adapter version's for the QA set's collection, with RAG,
     as the app's RAG routes over that collection serve it; none while that threshold is being calibrated
     (`evaluate.calibrate`)."""
@@ -130,20 +132,22 @@ def arm_threshold(models: Models, cfg, arm: str) -> float | None:
 
 
 def ask(models: Models, cfg, arm: str, questions: list[dict], passages: list[list[dict]]) -> list[Generated]:
-    """One arm's answers; an arm without RAG gets the same instructions and no passages."""
+    """One arm's answers; an arm without RAG gets the same instructions and no passages. Each question is answered
+    with its arm's threshold at its top passage's score, as the app's RAG routes answer it."""
     ref, rag, guided = parse_arm(arm, cfg.evaluate.adapter)
     given = [ps if rag else [] for ps in passages]
     prompts = [rag_messages(q["question"], [p["text"] for p in ps]) for q, ps in zip(questions, given)]
     formats = [answer_format(len(ps)) for ps in given] if guided else None
-    return models.answer(ref, prompts, cfg.evaluate.max_new_tokens, cfg.evaluate.batch_size, formats,
-                         arm_threshold(models, cfg, arm))
+    rule = arm_threshold(models, cfg, arm)
+    taus = [rule.at(ps[0]["score"] if ps else None, cfg.evaluate.mode) for ps in given] if rule else None
+    return models.answer(ref, prompts, cfg.evaluate.max_new_tokens, cfg.evaluate.batch_size, formats, taus)
 
 
 def summary(scores: list[dict], generated: list[Generated], questions: list[dict], kinds: list[str],
-            threshold: float | None) -> dict:
+            threshold: Threshold | None) -> dict:
     """One arm: its metrics over all questions and per kind, its abstention threshold, mean latency and tokens."""
     by_kind = {k: summarize([s for s, q in zip(scores, questions) if q["kind"] == k]) for k in kinds}
-    return {"all": summarize(scores), "by_kind": by_kind, "abstain_threshold": threshold,
+    return {"all": summarize(scores), "by_kind": by_kind, "abstain_threshold": threshold and threshold.to_dict(),
             **{key: round(sum(getattr(g, key) for g in generated) / len(generated), 1)
                for key in ("latency_ms", "prompt_tokens", "completion_tokens")}}
 

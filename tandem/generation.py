@@ -17,12 +17,12 @@ class Generated:
     abstain_score: float | None = None  # the probability it gave abstaining (tandem/abstention.py), when measured
 
 
-def generate_replies(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 96,
-                     batch_size: int = 8, guides: list | None = None, abstention=None) -> list[Generated]:
+def generate_replies(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 96, batch_size: int = 8,
+                     guides: list | None = None, abstentions: list | None = None) -> list[Generated]:
     """Greedy answers to chat conversations, in batches, with their token counts and time; `guides` (one
     outlines-core guide or None per conversation, tandem/structured.py) constrain what each answer may be;
-    `abstention` (tandem/abstention.py) steers them to the abstention reply and scores how likely they were to
-    take it."""
+    `abstentions` (one tandem/abstention.py rule per conversation) steer them to the abstention reply and score how
+    likely they were to take it."""
     import torch
     from transformers import LogitsProcessorList
 
@@ -42,7 +42,7 @@ def generate_replies(model, tokenizer, conversations: list[list[dict]], max_new_
         if guides:
             processors.append(GuidedLogits(guides[i : i + batch_size], width,
                                            {tokenizer.eos_token_id, tokenizer.pad_token_id}))
-        steered = AbstentionLogits(abstention, len(batch["input_ids"]), width) if abstention else None
+        steered = AbstentionLogits(abstentions[i : i + batch_size], width) if abstentions else None
         if steered:
             processors.append(steered)
         started = time.perf_counter()

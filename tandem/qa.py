@@ -68,7 +68,7 @@ def passages_for(cfg, corpora: list[Path], questions: list[dict], collection: st
                  copy_of: str | None = None) -> list[list[dict]]:
     """The passages each question gets from the app's retriever, once `corpora` are indexed (incrementally, in
     order: a later one's documents replace an earlier one's) into `collection`, which first becomes a copy of the
-    collection `copy_of` where one is named; each {doc_id, title, text}."""
+    collection `copy_of` where one is named; each {doc_id, title, text, score}."""
     from tandem.embedding import Embedder
     from tandem.errors import ConfigError
     from tandem.indexing import run_index
@@ -98,7 +98,7 @@ def passages_for(cfg, corpora: list[Path], questions: list[dict], collection: st
                 hits += retriever.search([q["question"] for q in questions[i : i + 256]], k=k, mode=mode)
         finally:
             client.close()
-    return [[{"doc_id": h.doc_id, "title": h.title, "text": h.text} for h in hs] for hs in hits]
+    return [[{"doc_id": h.doc_id, "title": h.title, "text": h.text, "score": h.score} for h in hs] for hs in hits]
 
 
 def grounded_label(question: dict, passages: list[dict]) -> tuple[str, list[int]]:

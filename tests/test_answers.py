@@ -127,8 +127,30 @@ def test_calibration_picks_the_threshold_that_answers_the_most_questions_right()
     assert few.best[0] == 0.35 and few.threshold is None
     assert calibrate([0.1, 0.6] * 20, [False, True] * 20, [1.0, None] * 20).threshold is None  # nothing beats greedy
     assert calibrate([0.5, 0.5] * 20, [False, False] * 20, [None, 0.0] * 20).threshold == 0.5  # ties: the higher
-    with pytest.raises(ValueError, match="one score, abstention and outcome per question: got 2, 1, 2"):
+    with pytest.raises(ValueError, match=r"one score, abstention, outcome .* per question: got 2, 1, 2, 0"):
         calibrate([0.1, 0.2], [False], [None, 1.0])
+
+
+def test_calibration_lowers_the_threshold_where_retrieval_scored_low():
+    """Unanswerable questions whose top passage scored low (dense and BM25 disagreed), at a probability below that
+    of right answers over a well-found passage: no single threshold separates them, a threshold that moves with the
+    top passage's score does. The rule is recorded as a tag and holds for the search mode it was fitted on."""
+    from tandem.abstention import Threshold, calibrate
+
+    scores, top = [0.2, 0.2, 0.3, 0.3, 0.6], [0.016, 0.016, 0.0328, 0.0328, 0.0328]
+    right = [None, None, 1.0, 1.0, None]
+    found = calibrate(scores * 10, [False] * 50, right * 10, samples=200, top_scores=top * 10)
+    assert found.single == 3 / 5 and found.best[1] == 1.0 and found.gain["significant"]
+    assert found.retrieval_weight > 0 and found.top_score == 0.0328
+    rule = found.rule("hybrid")
+    assert rule.at(0.0328, "hybrid") == rule.threshold > 0.3  # the right answers stay answered
+    assert rule.at(0.016, "hybrid") == pytest.approx(0.2)  # the unanswerable ones abstain
+    assert rule.at(0.016, "dense") == rule.at(None, "hybrid") == rule.threshold  # fitted on hybrid scores only
+    assert Threshold.parse(rule.tag()) == rule and Threshold.parse("0.25") == Threshold(0.25)
+    assert Threshold(0.25).tag() == "0.25" and Threshold(0.25).to_dict() == {"threshold": 0.25}
+    assert calibrate(scores * 10, [False] * 50, right * 10, samples=200).retrieval_weight == 0.0
+    with pytest.raises(ValueError, match="retrieval weight 3.0 needs the top score and search mode"):
+        Threshold(0.5, 3.0)
 
 
 def test_wiki_qa_is_split_by_document_with_unanswerable_questions(tmp_path):
@@ -329,7 +351,7 @@ def test_calibration_tags_the_adapter_version_and_its_rag_arms_abstain_by_it(ser
     with RAG abstain wherever the model gives abstaining that probability; its arms without RAG are not steered.
     Thresholds are per collection: another corpus's is not used."""
     from jobs.evaluate import main as evaluate_main
-    from tandem.abstention import threshold_tag
+    from tandem.abstention import Threshold, threshold_tag
     from tandem.prompts import rag_answer
     from tandem.registry import Registry
 
@@ -345,18 +367,21 @@ def test_calibration_tags_the_adapter_version_and_its_rag_arms_abstain_by_it(ser
         assert list(report["arms"]) == ["tuned+rag"] and c["adapter"] == "ro@2" and c["curve"][0]["threshold"] is None
         assert c["right"]["best"] == max(p["right"] for p in c["curve"]) >= c["right"]["greedy"] and "gain" in c
         tags = registry.client.get_model_version("ro", "2").tags
-        assert (float(tags[here]) if here in tags else None) == c["threshold"] and c["collection"] == "qa_small"
+        assert (Threshold.parse(tags[here]).to_dict() if here in tags else None) == c["threshold"]
+        assert c["collection"] == "qa_small"
         answers = [json.loads(a) for a in (tmp_path / "calibration.answers.jsonl").read_text().splitlines()]
         assert len(answers) == 6 and all(0 <= a["abstain_score"] <= 1 for a in answers)
 
-        registry.client.set_model_version_tag("ro", "2", here, "1e-09")
+        # near 1 at a top passage score of 10, near 0 at any score hybrid search gives: every question abstains
+        steep = Threshold(0.999999, retrieval_weight=1000.0, top_score=10.0, mode="hybrid")
+        registry.client.set_model_version_tag("ro", "2", here, steep.tag())
         registry.client.set_model_version_tag("ro", "2", elsewhere, "0.99")
         steered = evaluate_main([*common, "adapter=ro@2", "evaluate.arms=[tuned+rag,tuned]",
                                  f"evaluate.output={tmp_path / 'steered.json'}"])
     finally:
         for tag in (here, elsewhere):
             registry.client.delete_model_version_tag("ro", "2", tag)
-    assert steered["arms"]["tuned+rag"]["abstain_threshold"] == 1e-09  # qa_small's, not the FAQ's
+    assert steered["arms"]["tuned+rag"]["abstain_threshold"] == steep.to_dict()  # qa_small's, not the FAQ's
     assert steered["arms"]["tuned"]["abstain_threshold"] is None
     replies = [json.loads(a) for a in (tmp_path / "steered.answers.jsonl").read_text().splitlines()]
     assert all(r["reply"] == rag_answer("", []) for r in replies if r["arm"] == "tuned+rag"), replies

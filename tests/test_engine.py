@@ -210,7 +210,7 @@ def test_calibrated_abstention_steers_the_engine_as_it_steers_evaluation(mixed):
 
     def offline(threshold):
         return generate_replies(model, tokenizer, [conversation], 24, 1, [guides.guide(regex)],
-                                Abstention(reply, threshold))[0]
+                                [Abstention(reply, threshold)])[0]
 
     greedy = offline(None)
     assert 0.1 < greedy.abstain_score < 0.5 and "Shakespeare" in greedy.text

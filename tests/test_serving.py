@@ -115,11 +115,11 @@ def test_a_guided_route_answers_in_the_rag_shape_without_an_adapter(client):
 
 
 @contextlib.contextmanager
-def calibrated(client, serve_cfg, version: str, threshold: str):
-    """The adapter version tagged with an abstention threshold (as `evaluate.calibrate=true` tags it) while the block
-    runs; on entry and on exit, until the app's routers have seen the change (a request is served from the table of
-    the last refresh, so later tests get the version as it was). The threshold is the assistant route's
-    collection's (`wiki`)."""
+def calibrated(client, serve_cfg, version: str, threshold):
+    """The adapter version tagged with an abstention threshold (a tandem.abstention.Threshold, as
+    `evaluate.calibrate=true` tags it) while the block runs; on entry and on exit, until the app's routers have seen
+    the change (a request is served from the table of the last refresh, so later tests get the version as it was).
+    The threshold is the assistant route's collection's (`wiki`)."""
     from tandem.abstention import threshold_tag
 
     def seen(value):
@@ -131,9 +131,9 @@ def calibrated(client, serve_cfg, version: str, threshold: str):
 
     name, number = version.split("@")
     registry = Registry.from_config(serve_cfg).client
-    registry.set_model_version_tag(name, number, threshold_tag("wiki"), threshold)
+    registry.set_model_version_tag(name, number, threshold_tag("wiki"), threshold.tag())
     try:
-        seen(float(threshold))
+        seen(threshold.to_dict())
         yield
     finally:
         registry.delete_model_version_tag(name, number, threshold_tag("wiki"))
@@ -142,18 +142,22 @@ def calibrated(client, serve_cfg, version: str, threshold: str):
 
 def test_a_calibrated_adapter_version_abstains_above_its_threshold(client, serve_cfg):
     """An adapter version tagged with an abstention threshold answers a RAG route with the abstention reply wherever
-    the model gives it that probability: at a threshold this low, always, and the reply ends there. /v1/models shows
-    each version's threshold."""
+    the model gives it that probability, the threshold taken at the top passage's score: this rule's is near 1 at a
+    score of 10 and near 0 at any score hybrid search gives, so it always abstains, and the reply ends there.
+    /v1/models shows each version's thresholds."""
+    from tandem.abstention import Threshold
     from tandem.prompts import rag_answer
 
     asked = [{"role": "user", "content": QUESTION}]
     free = client.chat.completions.create(model="assistant@3", messages=asked, max_tokens=24)
-    with calibrated(client, serve_cfg, "demo@3", "1e-09"):
+    rule = Threshold(0.999999, retrieval_weight=1000.0, top_score=10.0, mode="hybrid")
+    with calibrated(client, serve_cfg, "demo@3", rule):
         steered = client.chat.completions.create(model="assistant@3", messages=asked, max_tokens=24)
         versions = {m.id: m.model_extra["tandem"] for m in client.models.list().data if "@" in m.id}
     assert free.choices[0].message.content != rag_answer("", [])
     assert steered.choices[0].message.content == rag_answer("", []) and steered.choices[0].finish_reason == "stop"
-    assert versions["demo@3"]["abstain_thresholds"] == {"wiki": 1e-09}
+    assert versions["demo@3"]["abstain_thresholds"] == {"wiki": {"threshold": 0.999999, "retrieval_weight": 1000.0,
+                                                                 "top_score": 10.0, "mode": "hybrid"}}
     assert versions["demo@1"]["abstain_thresholds"] == {}
 
 

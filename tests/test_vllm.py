@@ -79,10 +79,11 @@ def test_vllm_streams_stops_and_follows_the_answer_shape(vllm_app):
 def test_vllm_steers_a_calibrated_adapter_version_to_abstention(vllm_app, serve_cfg):
     """An adapter version's abstention threshold steers its answers on vLLM as on the HF engine (a logits processor
     in vLLM's engine, serving/vllm_abstention.py): at a threshold this low, the abstention reply, ended there."""
+    from tandem.abstention import Threshold
     from tandem.prompts import rag_answer
 
     client = vllm_app["client"]
-    with calibrated(client, serve_cfg, "demo@3", "1e-09"):
+    with calibrated(client, serve_cfg, "demo@3", Threshold(1e-09)):
         steered = client.chat.completions.create(model="assistant@3", max_tokens=24,
                                                  messages=[{"role": "user", "content": QUESTION}])
     assert steered.choices[0].message.content == rag_answer("", []) and steered.choices[0].finish_reason == "stop"

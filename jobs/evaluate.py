@@ -14,8 +14,9 @@ paired bootstrap 95% intervals, and the verdict claims only the real ones. Print
 `evaluate.calibrate=true` (on `evaluate.split=dev`) calibrates the adapter's abstention instead: tuned + RAG answers
 undecided, each answer scored by the probability it gave abstaining, and the adapter version is tagged with the
 threshold above which abstaining answers the most questions right, where that is significantly more than greedy
-decoding answers (tandem/abstention.py). From then on its arms with RAG, `jobs.validate` and the app's RAG routes
-abstain wherever the model gives abstaining that probability.
+decoding answers (tandem/abstention.py); the threshold may drop with each question's top passage score, where that
+answers more questions right. From then on its arms with RAG, `jobs.validate` and the app's RAG routes abstain
+wherever the model gives abstaining that probability.
 
 `evaluate.freshness=N` also changes N facts in the QA set's documents, re-indexes just those documents into a
 collection of its own and asks every arm again (tandem/freshness.py): the arms with RAG should give the new fact.

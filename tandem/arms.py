@@ -163,12 +163,12 @@ def run_matrix(cfg, arms: list[str], models: Models | None = None) -> Matrix:
     passages = passages_for(cfg, [Path(e.qa) / "corpus"], questions, e.collection, e.k, e.mode) \
         if any(rag.values()) else [[] for _ in questions]
     models = models or Models(cfg)
-    taus = {arm: arm_threshold(models, cfg, arm) for arm in arms}
+    rules = {arm: arm_threshold(models, cfg, arm) for arm in arms}
     generated = {arm: ask(models, cfg, arm, questions, passages) for arm in arms}
     scores = {arm: [score_answer(Reply.parse(g.text), q["answers"], q["gold_docs"], ps if rag[arm] else [])
                     for q, ps, g in zip(questions, passages, gs)] for arm, gs in generated.items()}
     kinds = sorted({q["kind"] for q in questions})
-    summaries = {arm: summary(scores[arm], generated[arm], questions, kinds, taus[arm]) for arm in arms}
+    summaries = {arm: summary(scores[arm], generated[arm], questions, kinds, rules[arm]) for arm in arms}
     compared = comparisons(scores, e.bootstrap)
     report = {"qa": str(e.qa), "split": e.split, "collection": e.collection, "adapter": e.adapter,
               "questions": len(questions),

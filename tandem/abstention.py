@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from tandem.answers import compare
 from tandem.prompts import rag_answer
@@ -48,8 +48,7 @@ class Threshold:
     mode: str | None = None
 
     def __post_init__(self):
-        if not 0.0 < self.threshold <= 1.0:
-            raise ValueError(f"abstain threshold {self.threshold}: expected a probability in (0, 1]")
+        _check_probability(self.threshold)
         if self.retrieval_weight and (self.top_score is None or self.mode is None):
             raise ValueError(f"retrieval weight {self.retrieval_weight} needs the top score and search mode it was "
                              f"fitted at: got {self.top_score}, {self.mode}")
@@ -79,6 +78,11 @@ def thresholds(tags: dict) -> dict[str, Threshold]:
     return {k.removeprefix(TAG_PREFIX): Threshold.parse(v) for k, v in tags.items() if k.startswith(TAG_PREFIX)}
 
 
+def _check_probability(threshold: float) -> None:
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"abstain threshold {threshold}: expected a probability in (0, 1]")
+
+
 def _logit(p: float) -> float:
     p = min(max(p, 1e-12), 1 - 1e-12)
     return math.log(p / (1 - p))
@@ -104,8 +108,8 @@ class Abstention:
     eos: int | None = None
 
     def __post_init__(self):
-        if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
-            raise ValueError(f"abstain threshold {self.threshold}: expected a probability in (0, 1]")
+        if self.threshold is not None:
+            _check_probability(self.threshold)
 
     def steer(self, written: list[int], logits) -> float | None:
         """In place on one row's next-token logits (after any constraint has masked them)."""
@@ -190,18 +194,22 @@ def calibrate(scores: list[float], abstained: list[bool], right: list[float | No
     if not scores or not len(scores) == len(abstained) == len(right) == len(top_scores or scores):
         raise ValueError(f"calibration needs one score, abstention, outcome (and top passage score, if any) per "
                          f"question: got {len(scores)}, {len(abstained)}, {len(right)}, {len(top_scores or [])}")
-    single = found = _calibrate(scores, abstained, right, samples)
+    single = found = (*_curve(scores, abstained, right), 0.0, None)
     if top_scores and len(set(top_scores)) > 1 and len(set(scores)) > 1:
         top = max(top_scores)
         spread = statistics.pstdev([_logit(p) for p in scores]) / statistics.pstdev(top_scores)
         for w in (m * spread for m in RETRIEVAL_WEIGHTS if m):
             weighed = [_sigmoid(_logit(p) - w * (s - top)) for p, s in zip(scores, top_scores)]
-            if (c := _calibrate(weighed, abstained, right, samples)).best[1] > found.best[1]:
-                found = replace(c, retrieval_weight=w, top_score=top)
-    return replace(found, single=single.best[1])
+            if (c := _curve(weighed, abstained, right))[1][1] > found[1][1]:
+                found = (*c, w, top)
+    curve, best, outcomes, weight, top = found
+    gain = compare([{"right": x} for x in outcomes[None]], [{"right": x} for x in outcomes[best[0]]], "right",
+                   samples)  # once, for the kept weight's best point
+    return Calibration(curve, best, gain, weight, top, single[1][1])
 
 
-def _calibrate(scores: list[float], abstained: list[bool], right: list[float | None], samples: int) -> Calibration:
+def _curve(scores: list[float], abstained: list[bool], right: list[float | None]) -> tuple[list, tuple, dict]:
+    """The curve, its best point (the first best: the highest τ) and each τ's outcome per question."""
     unanswerable = sum(r is None for r in right)
     curve, outcomes = [], {}
     for tau in [None, *sorted({s for s, a in zip(scores, abstained) if not a}, reverse=True)]:
@@ -209,6 +217,4 @@ def _calibrate(scores: list[float], abstained: list[bool], right: list[float | N
         outcomes[tau] = [float(a) if r is None else (0.0 if a else r) for a, r in zip(abstains, right)]
         curve.append((tau, sum(outcomes[tau]) / len(right),
                       sum(a for a, r in zip(abstains, right) if r is None) / unanswerable if unanswerable else None))
-    best = max(curve, key=lambda c: c[1])  # the first best: the highest τ
-    return Calibration(curve, best, compare([{"right": x} for x in outcomes[None]],
-                                            [{"right": x} for x in outcomes[best[0]]], "right", samples))
+    return curve, max(curve, key=lambda c: c[1]), outcomes

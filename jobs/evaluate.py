@@ -16,7 +16,9 @@ undecided, each answer scored by the probability it gave abstaining, and the ada
 threshold above which abstaining answers the most questions right, where that is significantly more than greedy
 decoding answers (tandem/abstention.py); the threshold may drop with each question's top passage score, where that
 answers more questions right. From then on its arms with RAG, `jobs.validate` and the app's RAG routes abstain
-wherever the model gives abstaining that probability.
+wherever the model gives abstaining that probability. With `evaluate.min_abstention=0.8` the threshold is instead the
+one answering the most answerable questions right among those abstaining on at least 0.8 of the unanswerable dev
+questions: the user's operating point.
 
 `evaluate.freshness=N` also changes N facts in the QA set's documents, re-indexes just those documents into a
 collection of its own and asks every arm again (tandem/freshness.py): the arms with RAG should give the new fact.
@@ -77,7 +79,8 @@ def calibrate_abstention(cfg, registry: Registry, matrix) -> dict:
                           "this set's questions are answered by whole documents (use a span QA set such as wiki_qa)")
     top_scores = [ps[0]["score"] for ps in matrix.passages] if all(matrix.passages) else None
     found = calibrate([g.abstain_score for g in generated], [Reply.parse(g.text).abstained for g in generated],
-                      [s["contains"] if s["answerable"] else None for s in scores], cfg.evaluate.bootstrap, top_scores)
+                      [s["contains"] if s["answerable"] else None for s in scores], cfg.evaluate.bootstrap, top_scores,
+                      cfg.evaluate.min_abstention)
     rule = found.rule(cfg.evaluate.mode)
     version = registry.resolve(cfg.evaluate.adapter)
     tag = threshold_tag(cfg.evaluate.collection)
@@ -89,7 +92,8 @@ def calibrate_abstention(cfg, registry: Registry, matrix) -> dict:
     greedy, best = found.curve[0], found.best
     return {"adapter": f"{version.name}@{version.version}", "threshold": rule and rule.to_dict(),
             "collection": cfg.evaluate.collection, "split": cfg.evaluate.split, "best": best[0],
-            "retrieval_weight": found.retrieval_weight, "top_score": found.top_score, "gain": found.gain,
+            "retrieval_weight": found.retrieval_weight, "top_score": found.top_score,
+            "min_abstention": found.min_abstention, "gain": found.gain,
             "right": {"greedy": round(greedy[1], 4), "one_threshold": round(found.single, 4),
                       "best": round(best[1], 4)},
             "abstained": {"greedy": greedy[2], "best": best[2]},
@@ -105,6 +109,8 @@ def calibration_lines(c: dict) -> list[str]:
         if c["threshold"] is not None else ("no threshold answers significantly more questions right than greedy "
                                             f"decoding: none on {c['adapter']} for {c['collection']}")
     best = "-" if c["best"] is None else f"{c['best']:.4f}"
+    if c["min_abstention"] is not None:
+        best += f", abstaining on at least {c['min_abstention']:.2f} of the unanswerable"
     return ["", f"calibration on the {c['split']} split: {told}",
             f"  answered right: greedy {c['right']['greedy']:.3f}, at one threshold for every question "
             f"{c['right']['one_threshold']:.3f}, at the best threshold ({best}, retrieval weight "
@@ -126,6 +132,9 @@ def main(argv: list[str] | None = None) -> dict:
     require(e.qa, "evaluate.qa")
     if e.calibrate:
         require(e.adapter, "evaluate.adapter")
+    elif e.min_abstention is not None:
+        raise ConfigError(f"evaluate.min_abstention={e.min_abstention} picks a calibrated threshold: it needs "
+                          "evaluate.calibrate=true")
     arms = [CALIBRATED] if e.calibrate else list(e.arms)
     if e.freshness and not any(parse_arm(arm, e.adapter).rag for arm in arms):
         raise ConfigError(f"evaluate.freshness={e.freshness} changes facts in what the arms with RAG search; "

@@ -78,9 +78,9 @@ def thresholds(tags: dict) -> dict[str, Threshold]:
     return {k.removeprefix(TAG_PREFIX): Threshold.parse(v) for k, v in tags.items() if k.startswith(TAG_PREFIX)}
 
 
-def _check_probability(threshold: float) -> None:
-    if not 0.0 < threshold <= 1.0:
-        raise ValueError(f"abstain threshold {threshold}: expected a probability in (0, 1]")
+def _check_probability(value: float, name: str = "abstain threshold") -> None:
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"{name} {value}: expected a probability in (0, 1]")
 
 
 def _logit(p: float) -> float:
@@ -155,21 +155,26 @@ class AbstentionLogits:
 @dataclass(frozen=True)
 class Calibration:
     """What `calibrate` found: the curve [(τ, share right, abstention on unanswerable)], greedy decoding (τ None)
-    first; its best point (ties go to the higher τ: fewer abstentions); that point's gain in questions answered right
-    over greedy decoding, with a paired bootstrap interval; the retrieval weight it was found at (τ is then the
-    threshold at `top_score`), and the share right at the best single threshold (weight 0), for comparison."""
+    first; its best point (ties go to the higher τ: fewer abstentions; with `min_abstention`, the one answering the
+    most answerable questions right among those abstaining on at least that share); that point's gain in questions
+    answered right over greedy decoding, with a paired bootstrap interval; the retrieval weight it was found at (τ is
+    then the threshold at `top_score`), and the share right at the best single threshold (weight 0), for comparison."""
     curve: list[tuple]
     best: tuple
     gain: dict
     retrieval_weight: float = 0.0
     top_score: float | None = None
     single: float | None = None
+    min_abstention: float | None = None
 
     @property
     def threshold(self) -> float | None:
-        """The τ to record: the best one, where its gain is significant. A threshold fitted to a few unanswerable
-        questions costs right answers on the next ones (the demo's 60-step adapter, 24 of them: +0.03 on dev, not
-        significant; -0.04 correctness on test)."""
+        """The τ to record: the best one, where its gain is significant, or where greedy decoding abstains less than
+        the asked `min_abstention` (the user chose that trade). A threshold fitted to a few unanswerable questions
+        costs right answers on the next ones (the demo's 60-step adapter, 24 of them: +0.03 on dev, not significant;
+        -0.04 correctness on test)."""
+        if self.min_abstention is not None and self.curve[0][2] < self.min_abstention:
+            return self.best[0]
         return self.best[0] if self.gain["significant"] and self.gain["delta"] > 0 else None
 
     def rule(self, mode: str) -> Threshold | None:
@@ -182,7 +187,7 @@ class Calibration:
 
 
 def calibrate(scores: list[float], abstained: list[bool], right: list[float | None], samples: int = 2000,
-              top_scores: list[float] | None = None) -> Calibration:
+              top_scores: list[float] | None = None, min_abstention: float | None = None) -> Calibration:
     """Each τ among the scores, against greedy decoding. Per question: the model's score, whether greedy decoding
     abstained, and whether its answer was right (None: the question has no answer, so abstaining is right). A
     question abstains under τ where greedy decoding did or its score reaches τ; it is answered right where it
@@ -190,26 +195,38 @@ def calibrate(scores: list[float], abstained: list[bool], right: list[float | No
 
     With `top_scores` (each question's top passage score), each of RETRIEVAL_WEIGHTS too: a score p becomes
     σ(logit p − w·(s − s_top)), which reaches τ exactly where p reaches τ(s) (`Threshold.at`). The weight that
-    answers the most questions right is kept (ties: the smaller)."""
+    answers the most questions right is kept (ties: the smaller).
+
+    With `min_abstention`, the best point (and weight) is the one answering the most answerable questions right among
+    those abstaining on at least that share of the unanswerable ones: an operating point for users who want that
+    abstention, and otherwise as many answers as they can get."""
     if not scores or not len(scores) == len(abstained) == len(right) == len(top_scores or scores):
         raise ValueError(f"calibration needs one score, abstention, outcome (and top passage score, if any) per "
                          f"question: got {len(scores)}, {len(abstained)}, {len(right)}, {len(top_scores or [])}")
-    single = found = (*_curve(scores, abstained, right), 0.0, None)
+    if min_abstention is not None:
+        _check_probability(min_abstention, "min_abstention")
+        if None not in right:
+            raise ValueError(f"min_abstention {min_abstention} needs unanswerable questions to measure abstention "
+                             f"on: all {len(right)} questions have answers")
+    single = found = (*_curve(scores, abstained, right, min_abstention), 0.0, None)
     if top_scores and len(set(top_scores)) > 1 and len(set(scores)) > 1:
         top = max(top_scores)
         spread = statistics.pstdev([_logit(p) for p in scores]) / statistics.pstdev(top_scores)
         for w in (m * spread for m in RETRIEVAL_WEIGHTS if m):
             weighed = [_sigmoid(_logit(p) - w * (s - top)) for p, s in zip(scores, top_scores)]
-            if (c := _curve(weighed, abstained, right))[1][1] > found[1][1]:
+            if (c := _curve(weighed, abstained, right, min_abstention))[3] > found[3]:
                 found = (*c, w, top)
-    curve, best, outcomes, weight, top = found
+    curve, best, outcomes, _, weight, top = found
     gain = compare([{"right": x} for x in outcomes[None]], [{"right": x} for x in outcomes[best[0]]], "right",
                    samples)  # once, for the kept weight's best point
-    return Calibration(curve, best, gain, weight, top, single[1][1])
+    return Calibration(curve, best, gain, weight, top, single[1][1], min_abstention)
 
 
-def _curve(scores: list[float], abstained: list[bool], right: list[float | None]) -> tuple[list, tuple, dict]:
-    """The curve, its best point (the first best: the highest τ) and each τ's outcome per question."""
+def _curve(scores: list[float], abstained: list[bool], right: list[float | None],
+           min_abstention: float | None = None) -> tuple[list, tuple, dict, float]:
+    """The curve, its best point (the first best: the highest τ), each τ's outcome per question and the best point's
+    value: the share answered right, or with `min_abstention` the answerable questions answered right among the
+    points abstaining on at least that share (the lowest τ abstains on every question)."""
     unanswerable = sum(r is None for r in right)
     curve, outcomes = [], {}
     for tau in [None, *sorted({s for s, a in zip(scores, abstained) if not a}, reverse=True)]:
@@ -217,4 +234,9 @@ def _curve(scores: list[float], abstained: list[bool], right: list[float | None]
         outcomes[tau] = [float(a) if r is None else (0.0 if a else r) for a, r in zip(abstains, right)]
         curve.append((tau, sum(outcomes[tau]) / len(right),
                       sum(a for a, r in zip(abstains, right) if r is None) / unanswerable if unanswerable else None))
-    return curve, max(curve, key=lambda c: c[1]), outcomes
+    if min_abstention is None:
+        best = max(curve, key=lambda c: c[1])
+        return curve, best, outcomes, best[1]
+    answered = {tau: sum(o for o, r in zip(os, right) if r is not None) for tau, os in outcomes.items()}
+    best = max((c for c in curve if c[2] >= min_abstention), key=lambda c: answered[c[0]])
+    return curve, best, outcomes, answered[best[0]]

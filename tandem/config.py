@@ -129,6 +129,10 @@ class EvaluateConfig:
     # abstention threshold that answers the most questions right (tandem/abstention.py); its later arms with RAG
     # over that collection, and the app's routes over it, use it
     calibrate: bool = False
+    # with calibrate: the threshold answering the most answerable questions right among those abstaining on at least
+    # this share of the unanswerable dev questions (recorded even where it answers fewer right than greedy
+    # decoding); null: the threshold answering the most questions right
+    min_abstention: Optional[float] = None
     output: str = "${workdir}/evaluate/${evaluate.split}.json"
 
 

@@ -64,6 +64,8 @@ def test_arms_name_a_model_then_optional_rag_and_guided_decoding():
     # freshness changes facts in what the RAG arms search: without one, refused before anything loads
     with pytest.raises(ConfigError, match=r"evaluate.freshness=3 changes facts .* has none \(add base\+rag"):
         evaluate_main(["evaluate.freshness=3", "evaluate.arms=[base]"])
+    with pytest.raises(ConfigError, match="evaluate.min_abstention=0.8 picks a calibrated threshold: it needs"):
+        evaluate_main(["evaluate.min_abstention=0.8"])
 
 
 def test_paired_bootstrap_claims_only_real_differences():
@@ -129,6 +131,27 @@ def test_calibration_picks_the_threshold_that_answers_the_most_questions_right()
     assert calibrate([0.5, 0.5] * 20, [False, False] * 20, [None, 0.0] * 20).threshold == 0.5  # ties: the higher
     with pytest.raises(ValueError, match=r"one score, abstention, outcome .* per question: got 2, 1, 2, 0"):
         calibrate([0.1, 0.2], [False], [None, 1.0])
+
+
+def test_calibration_meets_an_asked_abstention_at_the_least_cost_in_answers():
+    """`min_abstention`: the threshold answering the most answerable questions right among those abstaining on at
+    least that share of the unanswerable ones, recorded even where it answers no more right than greedy decoding."""
+    from tandem.abstention import calibrate
+
+    # unanswerable questions at 0.40, 0.15 and 0.12, below two and three right answers; a wrong answer at 0.50
+    scores = [0.40, 0.15, 0.12, 0.50, 0.05, 0.10, 0.20, 0.30]
+    right = [None, None, None, 0.0, 1.0, 1.0, 1.0, 1.0]
+    args = (scores * 10, [False] * 80, right * 10)
+    assert calibrate(*args, samples=200).best[:3] == (0.40, 5 / 8, 1 / 3)  # the most right: abstains on a third
+    asked = calibrate(*args, samples=200, min_abstention=0.6)
+    assert asked.best == (0.15, 4 / 8, 2 / 3)  # the highest τ reaching 0.6: two right answers traded for it
+    assert asked.gain["delta"] == 0.0 and asked.threshold == 0.15 and asked.min_abstention == 0.6  # as greedy
+    met = calibrate([0.1, 0.6] * 20, [False, True] * 20, [1.0, None] * 20, min_abstention=0.9)
+    assert met.threshold is None  # greedy decoding already abstains on all of them
+    with pytest.raises(ValueError, match="min_abstention 0: expected a probability"):
+        calibrate(*args, min_abstention=0)
+    with pytest.raises(ValueError, match="min_abstention 0.8 needs unanswerable questions"):
+        calibrate([0.1, 0.2], [False, False], [1.0, 0.0], min_abstention=0.8)
 
 
 def test_calibration_lowers_the_threshold_where_retrieval_scored_low():

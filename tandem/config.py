@@ -187,6 +187,9 @@ class DataConfig:
     # grounded_qa: the share of rows whose passages carry a changed year, person or place, labelled with the changed
     # fact (tandem/facts.py): teaches answering from the passage where it contradicts what the model knows
     counterfactual_share: float = 0.0
+    # grounded_qa: the share of rows that repeat an answerable row's question with its gold passage left out (the next
+    # retrieved passage in its place), labelled to abstain: the pair differs only in its passages (tandem/qa.py)
+    contrast_share: float = 0.0
 
 
 @dataclass

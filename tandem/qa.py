@@ -118,8 +118,27 @@ def grounded_rows(questions: list[dict], passages: list[list[dict]]) -> list[dic
         answer, sources = grounded_label(q, ps)
         messages = rag_messages(q["question"], [p["text"] for p in ps])
         rows.append({"messages": [*messages, {"role": "assistant", "content": rag_answer(answer, sources)}],
-                     "id": q["id"], "kind": q["kind"], "abstain": not sources, "counterfactual": "stale" in q})
+                     "id": q["id"], "kind": q["kind"], "abstain": not sources, "counterfactual": "stale" in q,
+                     "contrast": q.get("contrast", False)})
     return rows
+
+
+def contrasted(questions: list[dict], passages: list[list[dict]], k: int, n: int) -> tuple[list, list]:
+    """The questions with their first `k` passages and, after each of the first `n` whose gold passage there states
+    the answer, the same question again with the gold passages left out (the next retrieved ones in their place),
+    whose right reply abstains. A pair that differs only in its passages teaches that the passages decide, not the
+    kind of question: description questions ("Name the feats of balance and agility.") are most of the unanswerable
+    ones, and adapters learned to abstain on the kind. `passages` holds more than `k` per question."""
+    out_q, out_p = [], []
+    for q, hits in zip(questions, passages):
+        out_q.append(q)
+        out_p.append(hits[:k])
+        others = [p for p in hits if p["doc_id"] not in q["gold_docs"]][:k]
+        if n and grounded_label(q, hits[:k])[1] and len(others) == k:
+            out_q.append(q | {"id": f"{q['id']}-contrast", "contrast": True})
+            out_p.append(others)
+            n -= 1
+    return out_q, out_p
 
 
 def near_miss(row: dict) -> bool:
@@ -150,7 +169,8 @@ def build_grounded(cfg, out: Path) -> dict:
     over question kinds), with `evaluate.k` passages from the retriever in `evaluate.mode`; written as JSONL. With
     `data.near_miss_share`, a pool of three times as many questions is retrieved for, to draw that share of near
     misses from. With `data.counterfactual_share`, that share of the rows has a changed fact in its passages
-    (`tandem.facts.counterfactuals`)."""
+    (`tandem.facts.counterfactuals`); with `data.contrast_share`, that share is an answerable question asked again
+    without its gold passage (`contrasted`)."""
     from tandem.datasets import write_jsonl
     from tandem.facts import counterfactuals, read_corpus
 
@@ -161,9 +181,11 @@ def build_grounded(cfg, out: Path) -> dict:
         raise ConfigError(f"evaluate.qa={e.qa} has no questions with reference answers (a whole document answers "
                           "each), so no grounded reply can be labelled from it: use a span QA set such as wiki_qa")
     check_share("data.counterfactual_share", d.counterfactual_share)
+    check_share("data.contrast_share", d.contrast_share)
     questions = pick(one_per_fact(train), d.rows * (3 if d.near_miss_share is not None else 1))
     corpus = Path(e.qa) / "corpus"
-    passages = passages_for(cfg, [corpus], questions, e.collection, e.k, e.mode)
+    passages = passages_for(cfg, [corpus], questions, e.collection, e.k + 1 if d.contrast_share else e.k, e.mode)
+    questions, passages = contrasted(questions, passages, e.k, round(d.rows * d.contrast_share))
     if d.counterfactual_share:
         questions, passages = counterfactuals(questions, passages, read_corpus(corpus),
                                               round(d.rows * d.counterfactual_share))
@@ -171,4 +193,5 @@ def build_grounded(cfg, out: Path) -> dict:
     kinds = sorted({r["kind"] for r in rows})
     return {"rows": write_jsonl(out, rows), "abstain": sum(r["abstain"] for r in rows),
             "near_misses": sum(map(near_miss, rows)), "counterfactual": sum(r["counterfactual"] for r in rows),
+            "contrast": sum(r["contrast"] for r in rows),
             **{kind: sum(r["kind"] == kind for r in rows) for kind in kinds}}

@@ -238,13 +238,14 @@ def test_the_grounded_task_needs_reference_answers(tmp_path):
         prepare_main(["data.dataset=grounded_qa", f"evaluate.qa={tmp_path}", f"data.out={tmp_path / 'out'}"])
 
 
-def test_a_counterfactual_share_outside_0_1_is_refused_before_retrieval(small_qa, tmp_path):
+def test_a_share_outside_0_1_is_refused_before_retrieval(small_qa, tmp_path):
     from jobs.prepare_data import main as prepare_main
     from tandem.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"data.counterfactual_share=1.5: expected a share between 0 and 1"):
-        prepare_main(["data.dataset=grounded_qa", f"evaluate.qa={small_qa}", "data.counterfactual_share=1.5",
-                      f"data.out={tmp_path / 'out'}"])
+    for key in ("counterfactual_share", "contrast_share"):
+        with pytest.raises(ConfigError, match=rf"data.{key}=1.5: expected a share between 0 and 1"):
+            prepare_main(["data.dataset=grounded_qa", f"evaluate.qa={small_qa}", f"data.{key}=1.5",
+                          f"data.out={tmp_path / 'out'}"])
 
 
 def test_a_fact_is_changed_only_where_the_passage_then_states_the_new_one_alone():

@@ -71,12 +71,13 @@ train: setup
 	$(PY) -m jobs.finetune dataset=grounded_qa@latest train.epochs=1 train.batch_size=2 train.max_length=1024 \
 		train.lr=1e-3 train.lr_schedule=cosine train.warmup_steps=10 train.checkpoint_every=15
 	# abstention calibrated on 200 dev-split questions, half of them unanswerable: the threshold on the probability the
-	# adapter gives abstaining (moving with the top passage's retrieval score where that does better) that answers
-	# significantly more of them right, tagged on its version; validation and the RAG routes use it. The share weighs
-	# abstaining against answering (README, "Abstention on 100 questions"): set evaluate.unanswerable_share to how
-	# often your users ask what the corpus does not hold
+	# adapter gives abstaining (moving with the top passage's retrieval score where that does better) that abstains on
+	# at least 80% of the unanswerable ones and answers the most of the others right, tagged on its version;
+	# validation and the RAG routes use it. Set evaluate.unanswerable_share to how often your users ask what the corpus
+	# does not hold, and evaluate.min_abstention to how often they should then be told so (null: the threshold that
+	# answers the most questions right; README, "An operating point")
 	$(PY) -m jobs.evaluate adapter=grounded_qa@candidate evaluate.split=dev evaluate.calibrate=true \
-		evaluate.unanswerable_share=0.5
+		evaluate.unanswerable_share=0.5 evaluate.min_abstention=0.8
 	$(PY) -m jobs.validate adapter=grounded_qa@candidate validate.retention_docs=16
 
 serve: setup setup-vllm

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from tandem.answers import normalize
 from tandem.errors import ConfigError
+from tandem.facts import states
 from tandem.prompts import rag_answer, rag_messages
 
 
@@ -105,7 +105,7 @@ def grounded_label(question: dict, passages: list[dict]) -> tuple[str, list[int]
     """(answer, sources): the reference a retrieved gold passage states, cited by number; ("", []) when none does."""
     for ref in question["answers"]:
         sources = [i for i, p in enumerate(passages, start=1) if p["doc_id"] in question["gold_docs"]
-                   and f" {normalize(ref)} " in f" {normalize(p['text'])} "]
+                   and states(p["text"], ref)]
         if sources:
             return ref, sources
     return "", []
@@ -126,15 +126,17 @@ def grounded_rows(questions: list[dict], passages: list[list[dict]]) -> list[dic
 def contrasted(questions: list[dict], passages: list[list[dict]], k: int, n: int) -> tuple[list, list]:
     """The questions with their first `k` passages and, after each of the first `n` whose gold passage there states
     the answer, the same question again with the gold passages left out (the next retrieved ones in their place),
-    whose right reply abstains. A pair that differs only in its passages teaches that the passages decide, not the
-    kind of question: description questions ("Name the feats of balance and agility.") are most of the unanswerable
-    ones, and adapters learned to abstain on the kind. `passages` holds more than `k` per question."""
+    whose right reply abstains: only where no passage left states the answer ("Mark Twain" for Huckleberry Finn's
+    author), which would make that label wrong. A pair that differs only in its passages teaches that the passages
+    decide, not the kind of question: description questions ("Name the feats of balance and agility.") are most of
+    the unanswerable ones, and adapters learned to abstain on the kind. `passages` holds more than `k` per question."""
     out_q, out_p = [], []
     for q, hits in zip(questions, passages):
         out_q.append(q)
         out_p.append(hits[:k])
         others = [p for p in hits if p["doc_id"] not in q["gold_docs"]][:k]
-        if n and grounded_label(q, hits[:k])[1] and len(others) == k:
+        if n and grounded_label(q, hits[:k])[1] and len(others) == k and \
+                not any(states(p["text"], ref) for p in others for ref in q["answers"]):
             out_q.append(q | {"id": f"{q['id']}-contrast", "contrast": True})
             out_p.append(others)
             n -= 1

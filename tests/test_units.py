@@ -131,20 +131,22 @@ def test_contrast_rows_ask_an_answered_question_again_without_its_gold_passage()
     def passage(doc_id):
         return {"doc_id": doc_id, "text": f"{doc_id} is a book."}
 
-    questions = [question(i) for i in range(4)]
+    questions = [question(i) for i in (0, 1, 4, 2, 3)]
     hits = [[passage("Novel 0"), passage("A"), passage("B")],  # gold first: answered, then asked without it
             [passage("C"), passage("D"), passage("E")],  # gold not retrieved: no twin
+            # a passage left names the answer, so abstaining would be wrong: no twin
+            [passage("Novel 4"), passage("J"), {"doc_id": "K", "text": "K was written after Novel 4."}],
             [passage("F"), passage("Novel 2"), passage("G")],  # gold second: the third passage takes its place
             [passage("Novel 3"), passage("H"), passage("I")]]  # the twins asked for are made: no more
     qs, ps = contrasted(questions, hits, k=2, n=2)
-    assert [q["id"] for q in qs] == ["q0", "q0-contrast", "q1", "q2", "q2-contrast", "q3"]
-    assert [[p["doc_id"] for p in x] for x in ps] == [["Novel 0", "A"], ["A", "B"], ["C", "D"], ["F", "Novel 2"],
-                                                      ["F", "G"], ["Novel 3", "H"]]
+    assert [q["id"] for q in qs] == ["q0", "q0-contrast", "q1", "q4", "q2", "q2-contrast", "q3"]
+    assert [[p["doc_id"] for p in x] for x in ps] == [["Novel 0", "A"], ["A", "B"], ["C", "D"], ["Novel 4", "J"],
+                                                      ["F", "Novel 2"], ["F", "G"], ["Novel 3", "H"]]
     rows = grounded_rows(qs, ps)
     replies = [parse_rag_answer(r["messages"][-1]["content"]) for r in rows]
-    assert replies[0] == {"answer": "Novel 0", "sources": [1]} and replies[3] == {"answer": "Novel 2", "sources": [2]}
-    assert replies[1] == replies[4] == {"answer": "", "sources": []}
-    assert [r["contrast"] for r in rows] == [False, True, False, False, True, False]
+    assert replies[0] == {"answer": "Novel 0", "sources": [1]} and replies[4] == {"answer": "Novel 2", "sources": [2]}
+    assert replies[1] == replies[5] == {"answer": "", "sources": []}
+    assert [r["contrast"] for r in rows] == [False, True, False, False, False, True, False]
     assert rows[1]["messages"][1]["content"].endswith("Question: Name the novel 0.")  # the same question
     assert contrasted(questions, hits, k=2, n=0) == (questions, [h[:2] for h in hits])
 

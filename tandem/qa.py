@@ -134,9 +134,10 @@ def contrasted(questions: list[dict], passages: list[list[dict]], k: int, n: int
     for q, hits in zip(questions, passages):
         out_q.append(q)
         out_p.append(hits[:k])
+        if not n or not grounded_label(q, hits[:k])[1]:
+            continue
         others = [p for p in hits if p["doc_id"] not in q["gold_docs"]][:k]
-        if n and grounded_label(q, hits[:k])[1] and len(others) == k and \
-                not any(states(p["text"], ref) for p in others for ref in q["answers"]):
+        if len(others) == k and not any(states(p["text"], ref) for p in others for ref in q["answers"]):
             out_q.append(q | {"id": f"{q['id']}-contrast", "contrast": True})
             out_p.append(others)
             n -= 1

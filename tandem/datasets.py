@@ -187,6 +187,8 @@ TITLE_TEMPLATES = ("What is the name of the {d}?", "Name the {d}.", "What is the
 PERSON_TITLE_TEMPLATES = ("Who was the {d}?", "Name the {d}.", "Which person was the {d}?")
 WORK = re.compile(r"^(\d{4}) ([\w' -]+?) by ([A-Z][\w.' -]+)$")  # "1968 film by Stanley Kubrick"
 SPAN = re.compile(r"\((?:c\. ?)?(\d{3,4})\s*[–-]\s*(?:c\. ?)?(\d{3,4})\)")  # "(1328–1384)"
+BIRTH = r"\b(?:born|birth)\b"  # words that say a year is a life's: "born in Valladolid in 1474"
+DEATH = r"\b(?:died|dies|death|executed|execution|assassinated|assassination|killed|murdered)\b"
 PLACE = re.compile(r"^(?:[\w-]+ )?(?i:city|town|capital|village|municipality|commune|river|island|lake|mountain|"
                    r"province|region)\b.*, ([A-Z][\w .'-]+)$")  # "City in ..., Mali"
 CREATED = {"film": ("directed", "released"), "novel": ("wrote", "published"), "book": ("wrote", "published"),
@@ -194,6 +196,15 @@ CREATED = {"film": ("directed", "released"), "novel": ("wrote", "published"), "b
            "painting": ("painted", "painted"), "opera": ("composed", "first performed"),
            "ballet": ("composed", "first performed"), "album": ("recorded", "released"),
            "single": ("recorded", "released")}
+
+
+def _life_stated(text: str, born: str, died: str) -> tuple[bool, bool]:
+    """Whether a summary states the birth year and the death year: as the life span itself ("(1818–1883)") or after a
+    word that says which ("born in Valladolid in 1474", "until his death in 1891"). A year found anywhere else is
+    mostly another event's: Zola's 1902 is a Nobel nomination, Donne's 1631 the end of his deanship."""
+    span = re.search(rf"\((?:c\. ?)?{born}\S*\s*[–-]\s*(?:c\. ?)?{died}(?!\d)", text)
+    return tuple(bool(span or re.search(rf"{cue}[^.;]{{0,60}}?(?<!\d){year}(?!\d)", text, re.I))
+                 for cue, year in ((BIRTH, born), (DEATH, died)))
 
 
 def split_of(doc_id: str, test: float = 0.1, dev: float = 0.1) -> str:
@@ -222,7 +233,8 @@ def _lower_first(description: str, words: Counter) -> str:
 def wiki_questions(key: str, v: dict, unique: bool, words: Counter, rng: random.Random, phrasings: int) -> list[dict]:
     """Every question the article's description supports, each in `phrasings` wordings: its title (when the
     description names only this article), the year and maker of a work, the years of a life or period, the country
-    of a place. Span answers are kept only where the summary states them, so retrieval can find them."""
+    of a place. Span answers are kept only where the summary states them, so retrieval can find them (a life's years
+    only where it says they are a life's: `_life_stated`)."""
     title, text, desc = v.get("title", key), v["extract"], v.get("description", "").strip()
     out = []
 
@@ -249,9 +261,10 @@ def wiki_questions(key: str, v: dict, unique: bool, words: Counter, rng: random.
                            f"Who is the creator of {title}?"][:phrasings], [maker])
     if (m := SPAN.search(desc)) and v.get("topic") == "People":
         born, died = m.groups()
-        if born in text:
+        born_stated, died_stated = _life_stated(text, born, died)
+        if born_stated:
             add("year", [f"In what year was {title} born?", f"When was {title} born?"][:phrasings], [born])
-        if died in text:
+        if died_stated:
             add("year", [f"In what year did {title} die?", f"When did {title} die?"][:phrasings], [died])
     if (m := PLACE.match(desc)) and m.group(1) in text:
         add("place", [f"In which country is {title}?", f"Where is {title}? Name the country."][:phrasings],

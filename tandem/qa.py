@@ -4,7 +4,8 @@ The grounded task teaches the behaviour half of Tandem: answer from the numbered
 the passage that holds it, and abstain (`{"answer": "", "sources": []}`) when none does. Its passages are what the
 real retriever returns for the question (hard negatives, not random articles), and its labels come from the
 passages themselves: a retrieved gold passage that states a reference answer is cited; otherwise the right reply
-is to abstain, even for a question that has an answer somewhere in the corpus.
+is to abstain, even for a question that has an answer somewhere in the corpus, unless another retrieved passage
+states it (then the row is left out: `undecided`).
 """
 
 from __future__ import annotations
@@ -111,6 +112,14 @@ def grounded_label(question: dict, passages: list[dict]) -> tuple[str, list[int]
     return "", []
 
 
+def undecided(question: dict, passages: list[dict]) -> bool:
+    """An answerable question that no gold passage answers while another passage states its answer (the Rajasthan
+    article for "In which country is Jaipur?"): whether that passage supports the answer is not known, so neither
+    answering nor abstaining is a label to train on."""
+    return not grounded_label(question, passages)[1] and any(states(p["text"], ref) for p in passages
+                                                             for ref in question["answers"])
+
+
 def grounded_rows(questions: list[dict], passages: list[list[dict]]) -> list[dict]:
     """Chat rows of the grounded task, in the serving prompt's shape, each with its question id and kind."""
     rows = []
@@ -137,7 +146,7 @@ def contrasted(questions: list[dict], passages: list[list[dict]], k: int, n: int
         if not n or not grounded_label(q, hits[:k])[1]:
             continue
         others = [p for p in hits if p["doc_id"] not in q["gold_docs"]][:k]
-        if len(others) == k and not any(states(p["text"], ref) for p in others for ref in q["answers"]):
+        if len(others) == k and not undecided(q, others):
             out_q.append(q | {"id": f"{q['id']}-contrast", "contrast": True})
             out_p.append(others)
             n -= 1
@@ -173,7 +182,7 @@ def build_grounded(cfg, out: Path) -> dict:
     `data.near_miss_share`, a pool of three times as many questions is retrieved for, to draw that share of near
     misses from. With `data.counterfactual_share`, that share of the rows has a changed fact in its passages
     (`tandem.facts.counterfactuals`); with `data.contrast_share`, that share is an answerable question asked again
-    without its gold passage (`contrasted`)."""
+    without its gold passage (`contrasted`). Questions whose label is `undecided` are left out and counted."""
     from tandem.datasets import write_jsonl
     from tandem.facts import counterfactuals, read_corpus
 
@@ -192,9 +201,11 @@ def build_grounded(cfg, out: Path) -> dict:
     if d.counterfactual_share:
         questions, passages = counterfactuals(questions, passages, read_corpus(corpus),
                                               round(d.rows * d.counterfactual_share))
-    rows = balance(grounded_rows(questions, passages), d.rows, d.near_miss_share)
+    decided = [(q, ps) for q, ps in zip(questions, passages) if not undecided(q, ps)]
+    rows = balance(grounded_rows([q for q, _ in decided], [ps for _, ps in decided]), d.rows, d.near_miss_share)
     kinds = sorted({r["kind"] for r in rows})
-    return {"rows": write_jsonl(out, rows), "abstain": sum(r["abstain"] for r in rows),
+    return {"rows": write_jsonl(out, rows), "undecided": len(questions) - len(decided),
+            "abstain": sum(r["abstain"] for r in rows),
             "near_misses": sum(map(near_miss, rows)), "counterfactual": sum(r["counterfactual"] for r in rows),
             "contrast": sum(r["contrast"] for r in rows),
             **{kind: sum(r["kind"] == kind for r in rows) for kind in kinds}}

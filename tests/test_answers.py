@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 import regex
 
 from tandem.answers import Reply, compare, comparisons, score_answer, summarize, verdict
-from tandem.datasets import faq_qa, split_of, wiki_qa, wiki_source
+from tandem.datasets import faq_qa, split_of, wiki_qa, wiki_questions, wiki_source
 from tandem.facts import states
 from tandem.prompts import answer_format, parse_rag_answer
 from tandem.qa import load_qa
@@ -199,6 +200,23 @@ def test_wiki_qa_is_split_by_document_with_unanswerable_questions(tmp_path):
     kubrick = [r["question"] for r in rows if r["doc_id"] == "2001: A Space Odyssey"]
     assert len(kubrick) >= 6 and "Who directed 2001: A Space Odyssey?" in kubrick  # 3 kinds x 2 phrasings
     assert not any(r["question"].startswith("When was Snow White and the Seven Dwarfs (1937 film)") for r in rows)
+
+
+def test_a_life_s_years_are_asked_only_where_the_summary_says_they_are_a_life_s():
+    def years(extract: str, desc: str = "French novelist (1840–1902)") -> dict:
+        v = {"title": "Émile Zola", "extract": extract, "description": desc, "topic": "People"}
+        return {q["question"]: q["answers"] for q in wiki_questions("zola", v, False, Counter(), random.Random(0), 1)
+                if q["kind"] == "year"}
+
+    life = {"In what year was Émile Zola born?": ["1840"], "In what year did Émile Zola die?": ["1902"]}
+    # the years are there, but as other events': the passage does not answer, so the question is not asked
+    assert years("Zola was nominated for the Nobel Prize in 1901 and 1902, and wrote of Paris in 1840.") == {}
+    assert years("Émile Zola (1840–1902) was a French novelist.") == life
+    assert years("Zola, born in Paris in 1840, wrote novels until his death in 1902.") == life
+    assert years("Zola (1840/41–1902/03) was a novelist.") == life
+    assert years("Zola, born in 1840, led the movement until his assassination in 1902.") == life
+    assert years("Zola (1840–1895) was born in Paris; he was nominated in 1902.") == {}  # another span, no year after
+    assert years("Zola died in Paris. He was nominated for the Nobel Prize in 1902.") == {}  # a sentence apart
 
 
 def test_faq_qa_asks_each_heading_in_two_wordings_and_holds_some_entries_out(tmp_path):

@@ -151,6 +151,19 @@ def test_contrast_rows_ask_an_answered_question_again_without_its_gold_passage()
     assert contrasted(questions, hits, k=2, n=0) == (questions, [h[:2] for h in hits])
 
 
+def test_a_question_answered_only_by_another_article_is_neither_answered_nor_abstained_on():
+    from tandem.qa import undecided
+
+    jaipur = {"kind": "place", "answers": ["India"], "gold_docs": ["Jaipur"]}
+    own = {"doc_id": "Jaipur", "text": "Jaipur is the capital of Rajasthan, India."}
+    other = {"doc_id": "Rajasthan", "text": "Rajasthan is a state of India; its capital is Jaipur."}
+    unrelated = {"doc_id": "Delhi", "text": "Delhi is a city."}
+    assert undecided(jaipur, [unrelated, other])  # stated, but not by its own article: left out
+    assert not undecided(jaipur, [other, own])  # its own article states it: answered, citing [2]
+    assert not undecided(jaipur, [unrelated])  # nothing states it: abstains
+    assert not undecided({"kind": "unanswerable", "answers": [], "gold_docs": []}, [other])
+
+
 def test_grounded_rows_can_be_balanced_toward_near_misses():
     from tandem.errors import ConfigError
     from tandem.qa import balance, near_miss

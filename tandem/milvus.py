@@ -45,6 +45,29 @@ def _die_with_parent() -> None:
     libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def wait_unlocked(data_dir: Path, timeout_s: float) -> None:
+    """Wait for nobody to hold a Milvus Lite directory's lock: the job before may still be closing it (its server
+    exiting), and the next one would fail on it; `make demo` runs jobs back to back."""
+    import fcntl
+
+    lock = data_dir / "LOCK"
+    if not lock.exists():
+        return
+    deadline = time.monotonic() + timeout_s
+    with open(lock, "a") as f:
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(f, fcntl.LOCK_UN)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"Milvus Lite at {data_dir} stayed locked for {timeout_s:.0f}s: another process "
+                                       "has it open (a job or the app); point store.uri at that process's server "
+                                       "instead") from None
+                time.sleep(0.1)
+
+
 @contextmanager
 def milvus_endpoint(uri: str, start_timeout_s: float = 60.0) -> Iterator[str]:
     """Yield a URI every process can use: a server URI as is, a Milvus Lite directory through a local server."""
@@ -53,6 +76,7 @@ def milvus_endpoint(uri: str, start_timeout_s: float = 60.0) -> Iterator[str]:
         return
     data_dir = Path(uri).expanduser().resolve()
     data_dir.parent.mkdir(parents=True, exist_ok=True)
+    wait_unlocked(data_dir, start_timeout_s)
     port = free_port()
     log_path = data_dir.parent / f"{data_dir.name}.server.log"
     with open(log_path, "ab") as log:
@@ -85,6 +109,7 @@ def milvus_endpoint(uri: str, start_timeout_s: float = 60.0) -> Iterator[str]:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
 
 
 # pymilvus pings every 10 s even when idle; servers with gRPC's default policy (Milvus Lite's among them) answer an
@@ -109,6 +134,7 @@ def local_or_server(uri: str) -> Iterator[MilvusClient]:
         return
     path = str(Path(uri).expanduser().resolve())
     Path(path).parent.mkdir(parents=True, exist_ok=True)
+    wait_unlocked(Path(path), 60.0)
     client = MilvusClient(path)
     try:
         yield client

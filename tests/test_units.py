@@ -348,3 +348,21 @@ def test_fusion_is_per_collection_over_the_default_and_checked():
     for bad, words in ((["search.fusion.dense_weight=1.5"], "within"), (["search.fusion.method=max"], "one of")):
         with pytest.raises(ConfigError, match=words):
             ranker(fusion_for(load_config("search", bad), "wiki"))
+
+
+def test_a_milvus_lite_directory_is_opened_once_the_job_before_has_let_go_of_it(tmp_path):
+    import fcntl
+    import threading
+    import time
+
+    from tandem.milvus import wait_unlocked
+
+    wait_unlocked(tmp_path / "never-opened", 0.1)  # no lock file yet: nothing to wait for
+    held = open(tmp_path / "LOCK", "a")  # the job before's server, still closing the directory
+    fcntl.flock(held, fcntl.LOCK_EX)
+    with pytest.raises(RuntimeError, match="stayed locked for 0s: another process has it open"):
+        wait_unlocked(tmp_path, 0.3)
+    threading.Timer(0.5, held.close).start()  # it exits: the lock goes with it
+    start = time.monotonic()
+    wait_unlocked(tmp_path, 10.0)
+    assert 0.4 < time.monotonic() - start < 5.0

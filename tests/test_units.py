@@ -164,6 +164,17 @@ def test_a_question_answered_only_by_another_article_is_neither_answered_nor_abs
     assert not undecided({"kind": "unanswerable", "answers": [], "gold_docs": []}, [other])
 
 
+def test_a_passage_states_the_years_of_a_span_and_names_with_a_hyphen():
+    from tandem.facts import states
+
+    assert states("Abu al-Qasim Ferdowsi (940–1025) was a Persian poet.", "1025")
+    assert states("Saadi (1209/10–1291/92) was a Persian poet.", "1209")
+    assert states("Hafez (1325-1390) was a poet.", "1390")
+    assert states("Bissau is the capital of Guinea-Bissau.", "Guinea-Bissau")
+    assert not states("Jaipur is the capital of the Indian state of Rajasthan.", "India")  # a whole word only
+    assert not states("Ferdowsi (940–1025) was a Persian poet.", "102")
+
+
 def test_grounded_rows_can_be_balanced_toward_near_misses():
     from tandem.errors import ConfigError
     from tandem.qa import balance, near_miss

@@ -20,14 +20,16 @@ from tandem.prompts import parse_rag_answer
 
 # SQuAD's normalization, plus a small stop list for groundedness: function words prove nothing about a source.
 ARTICLES = re.compile(r"\b(a|an|the)\b")
+DASHES = re.compile(r"[-‐‑‒–—/]")  # part words: SQuAD's would join "(940–1025)" into one word, stating neither year
 STOPWORDS = frozenset("""a an the of in on at to for from by with and or but is are was were be been being it its this
 that these those as which who whom what when where why how not no do does did has have had i you he she we they them his
 her their our your my me him us there here than then so such into over under about after before also""".split())
 
 
 def normalize(text: str) -> str:
-    """SQuAD's, with accents folded: "Eugene Delacroix" names the painter the reference spells "Eugène"."""
-    text = "".join(c for c in unicodedata.normalize("NFKD", text.lower())
+    """SQuAD's, with accents folded ("Eugene Delacroix" names the painter the reference spells "Eugène") and dashes
+    and slashes parting words: one splitter for the answer metrics, groundedness and `tandem.facts.states`."""
+    text = "".join(c for c in unicodedata.normalize("NFKD", DASHES.sub(" ", text.lower()))
                    if c not in string.punctuation and not unicodedata.combining(c))
     return " ".join(ARTICLES.sub(" ", text).split())
 

@@ -165,6 +165,7 @@ def test_a_question_answered_only_by_another_article_is_neither_answered_nor_abs
 
 
 def test_a_passage_states_the_years_of_a_span_and_names_with_a_hyphen():
+    from tandem.answers import grounded_share
     from tandem.facts import states
 
     assert states("Abu al-Qasim Ferdowsi (940–1025) was a Persian poet.", "1025")
@@ -173,6 +174,9 @@ def test_a_passage_states_the_years_of_a_span_and_names_with_a_hyphen():
     assert states("Bissau is the capital of Guinea-Bissau.", "Guinea-Bissau")
     assert not states("Jaipur is the capital of the Indian state of Rajasthan.", "India")  # a whole word only
     assert not states("Ferdowsi (940–1025) was a Persian poet.", "102")
+    # the groundedness of an answer splits words the same way: "1025" cited from the span is grounded
+    assert grounded_share("1025", ["Abu al-Qasim Ferdowsi (940–1025) was a Persian poet."]) == 1.0
+    assert grounded_share("Guinea-Bissau", ["Bissau is the capital of Guinea Bissau."]) == 1.0
 
 
 def test_grounded_rows_can_be_balanced_toward_near_misses():

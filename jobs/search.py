@@ -11,11 +11,11 @@ import textwrap
 from tandem.commandline import Job, run
 from tandem.config import require
 from tandem.embedding import Embedder
+from tandem.milvus import local_or_server
 from tandem.retrieval import Retriever
 
 JOB = Job("search", __doc__, ("search", "store.uri", "store.collection", "store.search_params", "embedder.model",
                               "embedder.device"))
-from tandem.milvus import local_or_server
 
 
 def main(argv: list[str] | None = None) -> list:

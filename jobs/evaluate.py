@@ -30,7 +30,7 @@ import json
 import sys
 
 from tandem.abstention import calibrate, threshold_tag
-from tandem.answers import Reply
+from tandem.answers import Reply, served_grounding
 from tandem.arms import parse_arm, run_matrix
 from tandem.commandline import Job, run
 from tandem.config import RANKING_KEYS, require
@@ -62,11 +62,14 @@ def format_table(report: dict) -> str:
 
 
 def rule_text(rule: dict) -> str:
-    """{"threshold": 0.1578} -> 0.1578; with a retrieval weight, how it moves with the top passage's score."""
-    if "retrieval_weight" not in rule:
-        return f"{rule['threshold']:.4f}"
-    return f"σ(logit {rule['threshold']:.4f} + {rule['retrieval_weight']:.1f}·(s − {rule['top_score']:.4f})) at " \
-           f"top passage score s ({rule['mode']})"
+    """{"threshold": 0.1578} -> 0.1578; with a retrieval weight, how it moves with the top passage's score; with
+    min_grounded, the answers it withholds."""
+    text = f"{rule['threshold']:.4f}" if "retrieval_weight" not in rule else \
+        f"σ(logit {rule['threshold']:.4f} + {rule['retrieval_weight']:.1f}·(s − {rule['top_score']:.4f})) at top " \
+        f"passage score s ({rule['mode']})"
+    if "min_grounded" in rule:
+        text += f", withholding answers whose cited passages hold under {rule['min_grounded']:.0%} of their words"
+    return text
 
 
 def calibrate_abstention(cfg, registry: Registry, matrix) -> dict:
@@ -78,9 +81,10 @@ def calibrate_abstention(cfg, registry: Registry, matrix) -> dict:
         raise ConfigError(f"evaluate.qa={cfg.evaluate.qa}: calibration scores answers against reference answers; "
                           "this set's questions are answered by whole documents (use a span QA set such as wiki_qa)")
     top_scores = [ps[0]["score"] for ps in matrix.passages] if all(matrix.passages) else None
+    grounded = [served_grounding(g.text, [p["text"] for p in ps]) for g, ps in zip(generated, matrix.passages)]
     found = calibrate([g.abstain_score for g in generated], [Reply.parse(g.text).abstained for g in generated],
                       [s["contains"] if s["answerable"] else None for s in scores], cfg.evaluate.bootstrap, top_scores,
-                      cfg.evaluate.min_abstention)
+                      cfg.evaluate.min_abstention, grounded)
     rule = found.rule(cfg.evaluate.mode)
     version = registry.resolve(cfg.evaluate.adapter)
     tag = threshold_tag(cfg.evaluate.collection)
@@ -89,14 +93,14 @@ def calibrate_abstention(cfg, registry: Registry, matrix) -> dict:
             registry.client.delete_model_version_tag(version.name, version.version, tag)
     else:
         registry.client.set_model_version_tag(version.name, version.version, tag, rule.tag())
-    greedy, best = found.curve[0], found.best
+    greedy, best = found.greedy, found.best
     return {"adapter": f"{version.name}@{version.version}", "threshold": rule and rule.to_dict(),
             "collection": cfg.evaluate.collection, "split": cfg.evaluate.split, "best": best[0],
             "retrieval_weight": found.retrieval_weight, "top_score": found.top_score,
-            "min_abstention": found.min_abstention, "gain": found.gain,
-            "right": {"greedy": round(greedy[1], 4), "one_threshold": round(found.single, 4),
+            "min_grounded": found.min_grounded, "min_abstention": found.min_abstention, "gain": found.gain,
+            "right": {"greedy": round(greedy[0], 4), "one_threshold": round(found.single, 4),
                       "best": round(best[1], 4)},
-            "abstained": {"greedy": greedy[2], "best": best[2]},
+            "abstained": {"greedy": greedy[1], "best": best[2]},
             "curve": [{"threshold": t, "right": round(r, 4), "abstained": a} for t, r, a in found.curve]}
 
 

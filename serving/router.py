@@ -31,6 +31,7 @@ from serving.limits import BodyLimit
 from serving.metrics import RouterMetrics
 from serving.openai_api import APIError, ChatCompletionRequest, FeedbackRequest, RetrieveRequest, error
 from serving.routes import RouteError, RouteTable
+from tandem.abstention import Threshold
 from tandem.answers import served_grounding
 from tandem.canary import user_hash
 from tandem.data import privacy
@@ -319,7 +320,7 @@ class Router:
             self.shadows.add(asyncio.create_task(self._shadow(
                 {**payload, "adapter": route.canary,
                  "abstain_threshold": self._threshold(route, route.canary, sources)},
-                shadow, sources)))
+                shadow, sources, route)))
         try:  # the first event before any answer is sent: a full queue or an unloadable adapter is a status code
             first = await events.__anext__()
             if "error" in first and first.get("status") != 400:
@@ -330,8 +331,9 @@ class Router:
             raise self._failed(e, events, record, started, "", {}, sources) from None
         if "error" in first:  # the caller's request could not be served as asked: not an answer, not logged
             raise APIError(400, first["error"], "response_format", "invalid_response_format")
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
+        rule = self._rule(route, choice.adapter)
+        if body.stream and (rule is None or rule.min_grounded is None):
             return StreamingResponse(self._sse(first, events, body.model, sources, meta, record, started,
                                                include_usage), media_type="text/event-stream", headers=headers)
         text, last = first["text"], first
@@ -342,6 +344,11 @@ class Router:
                 text, last = text + event["text"], event
         except BaseException as e:
             raise self._failed(e, events, record, started, text, last, sources) from None
+        text = self._served(rule, text, sources, record)
+        if body.stream:  # held back for the grounding check: streamed in one piece
+            return StreamingResponse(self._sse({**last, "text": text}, events, body.model, sources, meta, record,
+                                               started, include_usage), media_type="text/event-stream",
+                                     headers=headers)
         format_valid = self._log(record, started, text, last, sources)
         completion = {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": body.model,
                       "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
@@ -365,11 +372,24 @@ class Router:
             503, f"generation failed; the server log has the details under {record['request_id']}",
             code="llm_unavailable")
 
+    def _rule(self, route, adapter: str | None) -> Threshold | None:
+        """The adapter version's abstention rule calibrated on the route's collection, on a RAG route (where its
+        prompt asks for abstention)."""
+        return self.table.thresholds.get(adapter, {}).get(self._collection(route)) if route.cfg.rag else None
+
     def _threshold(self, route, adapter: str | None, sources: list[dict]) -> float | None:
-        """The adapter version's abstention threshold calibrated on the route's collection, at the top passage's
-        score, on a RAG route (where its prompt asks for abstention)."""
-        rule = self.table.thresholds.get(adapter, {}).get(self._collection(route)) if route.cfg.rag else None
+        """The rule's threshold at the top passage's score."""
+        rule = self._rule(route, adapter)
         return rule.at(sources[0]["score"] if sources else None, route.cfg.mode) if rule else None
+
+    @staticmethod
+    def _served(rule: Threshold | None, text: str, sources: list[dict], record: dict) -> str:
+        """The reply as served: the abstention reply where the rule withholds the answer (its cited passages hold
+        too little of it); the log keeps what was withheld."""
+        served = rule.reply(text, [s["text"] for s in sources]) if rule else text
+        if served != text:
+            record["withheld"] = text
+        return served
 
     def _collection(self, route) -> str:
         return route.cfg.collection or self.cfg.store.collection
@@ -384,8 +404,8 @@ class Router:
         splits no batch); any replica can still serve any adapter, loading it on demand."""
         return self.llm.options(stream=True, multiplexed_model_id=payload["adapter"] or "").remote(payload)
 
-    async def _shadow(self, payload: dict, record: dict, sources: list[dict]) -> None:
-        """The canary answers a copy of the request; the answer is logged, never returned."""
+    async def _shadow(self, payload: dict, record: dict, sources: list[dict], route) -> None:
+        """The canary answers a copy of the request; the answer is logged as it would be served, never returned."""
         started, text, last, status, message = time.perf_counter(), "", {}, "ok", None
         try:
             async for event in self._generate(payload):
@@ -396,6 +416,8 @@ class Router:
                 last = event if event.get("finish_reason") else last
         except Exception as e:  # a failing shadow must not touch the user's request
             status, message = "error", str(e)
+        if status == "ok":
+            text = self._served(self._rule(route, payload["adapter"]), text, sources, record)
         try:
             self._log(record, started, text, last, sources, status=status, error=message)
         except LogWriteError as e:  # nobody waits for a shadow answer: the operator's log says it was lost

@@ -16,6 +16,11 @@ agree on it), the passages more often do not hold the answer (on the Wikipedia t
 questions against 18 of 100 answerable ones), so the bar drops with that score: τ(s) = σ(logit τ + w·(s − s_top)).
 The weight w is the one among a few that answers the most dev questions right (0: one τ, as before); the rule holds
 for the search mode it was fitted on.
+
+And it may withhold an answer its cited passages do not hold (`min_grounded`: the least share of the answer's content
+words found in them; the reply then abstains). Asked "When was Charles Babbage born?" over his summary, which gives
+no year, `make train`'s adapter answered with a year on 49 of 50 such test questions, 40 of them found in no cited
+passage; the model's probability of abstaining did not tell them apart (0.03-0.11), the passages do.
 """
 
 from __future__ import annotations
@@ -25,13 +30,14 @@ import math
 import statistics
 from dataclasses import dataclass
 
-from tandem.answers import compare
+from tandem.answers import compare, served_grounding
 from tandem.prompts import rag_answer
 
 TAG_PREFIX = "abstain_threshold."  # + a collection: the adapter version's tag holding its τ there
 
 
 RETRIEVAL_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)  # tried, in spreads of the model's logit per spread of the score
+GROUNDING = (None, 0.5, 1.0)  # min_grounded tried: none, half of the answer's content words, all of them
 
 
 def threshold_tag(collection: str) -> str:
@@ -41,14 +47,18 @@ def threshold_tag(collection: str) -> str:
 @dataclass(frozen=True)
 class Threshold:
     """An adapter version's abstention threshold on one collection: τ where the top passage scores `top_score` under
-    `mode` search, and how far the logit of τ moves per unit of that score (`retrieval_weight`; 0: τ everywhere)."""
+    `mode` search, and how far the logit of τ moves per unit of that score (`retrieval_weight`; 0: τ everywhere);
+    with `min_grounded`, an answer whose cited passages hold less than that share of its content words abstains."""
     threshold: float
     retrieval_weight: float = 0.0
     top_score: float | None = None
     mode: str | None = None
+    min_grounded: float | None = None
 
     def __post_init__(self):
         _check_probability(self.threshold)
+        if self.min_grounded is not None:
+            _check_probability(self.min_grounded, "min_grounded")
         if self.retrieval_weight and (self.top_score is None or self.mode is None):
             raise ValueError(f"retrieval weight {self.retrieval_weight} needs the top score and search mode it was "
                              f"fitted at: got {self.top_score}, {self.mode}")
@@ -60,13 +70,21 @@ class Threshold:
             return self.threshold
         return _sigmoid(_logit(self.threshold) + self.retrieval_weight * (score - self.top_score))
 
+    def reply(self, text: str, passages: list[str]) -> str:
+        """The reply as served from `passages` (their text, as numbered): the abstention reply where its answer is not
+        grounded enough in the passages it cites."""
+        share = served_grounding(text, passages) if self.min_grounded is not None else None
+        return rag_answer("", []) if share is not None and share < self.min_grounded else text
+
     def to_dict(self) -> dict:
-        return {"threshold": self.threshold} | ({"retrieval_weight": self.retrieval_weight, "top_score": self.top_score,
-                                                 "mode": self.mode} if self.retrieval_weight else {})
+        return ({"threshold": self.threshold}
+                | ({"retrieval_weight": self.retrieval_weight, "top_score": self.top_score, "mode": self.mode}
+                   if self.retrieval_weight else {})
+                | ({"min_grounded": self.min_grounded} if self.min_grounded is not None else {}))
 
     def tag(self) -> str:
         """The tag's value: τ alone, as before weights, or the rule as JSON."""
-        return repr(self.threshold) if not self.retrieval_weight else json.dumps(self.to_dict())
+        return repr(self.threshold) if self.to_dict().keys() == {"threshold"} else json.dumps(self.to_dict())
 
     @classmethod
     def parse(cls, value: str) -> "Threshold":
@@ -158,24 +176,30 @@ class Calibration:
     first; its best point (ties go to the higher τ: fewer abstentions; with `min_abstention`, the one answering the
     most answerable questions right among those abstaining on at least that share); that point's gain in questions
     answered right over greedy decoding, with a paired bootstrap interval; the retrieval weight it was found at (τ is
-    then the threshold at `top_score`), and the share right at the best single threshold (weight 0), for comparison."""
+    then the threshold at `top_score`) and the grounding it asks of answers (`min_grounded`, which the curve includes:
+    its τ None is greedy decoding with answers withheld); the share right at the best single threshold (weight 0, no
+    grounding), and greedy decoding's own (share right, abstention on unanswerable), for comparison."""
     curve: list[tuple]
     best: tuple
     gain: dict
+    greedy: tuple
     retrieval_weight: float = 0.0
     top_score: float | None = None
     single: float | None = None
     min_abstention: float | None = None
+    min_grounded: float | None = None
 
     @property
     def threshold(self) -> float | None:
         """The τ to record: the best one, where its gain is significant, or where greedy decoding abstains less than
-        the asked `min_abstention` (the user chose that trade). A threshold fitted to a few unanswerable questions
-        costs right answers on the next ones (the demo's 60-step adapter, 24 of them: +0.03 on dev, not significant;
-        -0.04 correctness on test)."""
-        if self.min_abstention is not None and self.curve[0][2] < self.min_abstention:
-            return self.best[0]
-        return self.best[0] if self.gain["significant"] and self.gain["delta"] > 0 else None
+        the asked `min_abstention` (the user chose that trade); 1 where the best point withholds ungrounded answers
+        and otherwise decodes greedily. A threshold fitted to a few unanswerable questions costs right answers on the
+        next ones (the demo's 60-step adapter, 24 of them: +0.03 on dev, not significant; -0.04 correctness on
+        test)."""
+        asked = self.min_abstention is not None and self.greedy[1] < self.min_abstention
+        if not asked and not (self.gain["significant"] and self.gain["delta"] > 0):
+            return None
+        return 1.0 if self.best[0] is None and self.min_grounded is not None else self.best[0]
 
     def rule(self, mode: str) -> Threshold | None:
         """What to record for questions searched with `mode`, or None."""
@@ -183,11 +207,12 @@ class Calibration:
             return None
         weighted = bool(self.retrieval_weight)
         return Threshold(self.threshold, self.retrieval_weight, self.top_score if weighted else None,
-                         mode if weighted else None)
+                         mode if weighted else None, self.min_grounded)
 
 
 def calibrate(scores: list[float], abstained: list[bool], right: list[float | None], samples: int = 2000,
-              top_scores: list[float] | None = None, min_abstention: float | None = None) -> Calibration:
+              top_scores: list[float] | None = None, min_abstention: float | None = None,
+              grounded: list[float | None] | None = None) -> Calibration:
     """Each τ among the scores, against greedy decoding. Per question: the model's score, whether greedy decoding
     abstained, and whether its answer was right (None: the question has no answer, so abstaining is right). A
     question abstains under τ where greedy decoding did or its score reaches τ; it is answered right where it
@@ -197,29 +222,40 @@ def calibrate(scores: list[float], abstained: list[bool], right: list[float | No
     σ(logit p − w·(s − s_top)), which reaches τ exactly where p reaches τ(s) (`Threshold.at`). The weight that
     answers the most questions right is kept (ties: the smaller).
 
+    With `grounded` (each greedy answer's share of content words found in the passages it cites, None for an
+    abstention or an answer out of the format: `served_grounding`), each of GROUNDING too: an answer below it
+    abstains at every τ. Kept where it answers more questions right (ties: none).
+
     With `min_abstention`, the best point (and weight) is the one answering the most answerable questions right among
     those abstaining on at least that share of the unanswerable ones: an operating point for users who want that
     abstention, and otherwise as many answers as they can get."""
-    if not scores or not len(scores) == len(abstained) == len(right) == len(top_scores or scores):
-        raise ValueError(f"calibration needs one score, abstention, outcome (and top passage score, if any) per "
-                         f"question: got {len(scores)}, {len(abstained)}, {len(right)}, {len(top_scores or [])}")
+    if not scores or not len(scores) == len(abstained) == len(right) == len(top_scores or scores) \
+            == len(grounded or scores):
+        raise ValueError(f"calibration needs one score, abstention, outcome (and top passage score, groundedness, if "
+                         f"any) per question: got {len(scores)}, {len(abstained)}, {len(right)}, "
+                         f"{len(top_scores or [])}, {len(grounded or [])}")
     if min_abstention is not None:
         _check_probability(min_abstention, "min_abstention")
         if None not in right:
             raise ValueError(f"min_abstention {min_abstention} needs unanswerable questions to measure abstention "
                              f"on: all {len(right)} questions have answers")
-    single = found = (*_curve(scores, abstained, right, min_abstention), 0.0, None)
+    greedy = _curve(scores, abstained, right, min_abstention)
+    weighed, top = {0.0: scores}, max(top_scores) if top_scores else None
     if top_scores and len(set(top_scores)) > 1 and len(set(scores)) > 1:
-        top = max(top_scores)
         spread = statistics.pstdev([_logit(p) for p in scores]) / statistics.pstdev(top_scores)
-        for w in (m * spread for m in RETRIEVAL_WEIGHTS if m):
-            weighed = [_sigmoid(_logit(p) - w * (s - top)) for p, s in zip(scores, top_scores)]
-            if (c := _curve(weighed, abstained, right, min_abstention))[3] > found[3]:
-                found = (*c, w, top)
-    curve, best, outcomes, _, weight, top = found
-    gain = compare([{"right": x} for x in outcomes[None]], [{"right": x} for x in outcomes[best[0]]], "right",
-                   samples)  # once, for the kept weight's best point
-    return Calibration(curve, best, gain, weight, top, single[1][1], min_abstention)
+        weighed |= {m * spread: [_sigmoid(_logit(p) - m * spread * (s - top)) for p, s in zip(scores, top_scores)]
+                    for m in RETRIEVAL_WEIGHTS if m}
+    found = (*greedy, 0.0, None)
+    for g in GROUNDING if grounded else (None,):
+        withheld = [a or (g is not None and x is not None and x < g) for a, x in zip(abstained, grounded or scores)]
+        for w, ps in weighed.items():
+            if (g, w) != (None, 0.0) and (c := _curve(ps, withheld, right, min_abstention))[3] > found[3]:
+                found = (*c, w, g)
+    curve, best, outcomes, _, weight, min_grounded = found
+    gain = compare([{"right": x} for x in greedy[2][None]], [{"right": x} for x in outcomes[best[0]]], "right",
+                   samples)  # once, for the kept point, against greedy decoding
+    return Calibration(curve, best, gain, greedy[0][0][1:], weight, top if weight else None, greedy[1][1],
+                       min_abstention, min_grounded)
 
 
 def _curve(scores: list[float], abstained: list[bool], right: list[float | None],

@@ -8,7 +8,7 @@ test split, the gate an adapter passes before it may serve).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -133,14 +133,18 @@ def arm_threshold(models: Models, cfg, arm: str) -> Threshold | None:
 
 def ask(models: Models, cfg, arm: str, questions: list[dict], passages: list[list[dict]]) -> list[Generated]:
     """One arm's answers; an arm without RAG gets the same instructions and no passages. Each question is answered
-    with its arm's threshold at its top passage's score, as the app's RAG routes answer it."""
+    with its arm's threshold at its top passage's score, and the answers its rule withholds abstain, as the app's RAG
+    routes answer it."""
     ref, rag, guided = parse_arm(arm, cfg.evaluate.adapter)
     given = [ps if rag else [] for ps in passages]
     prompts = [rag_messages(q["question"], [p["text"] for p in ps]) for q, ps in zip(questions, given)]
     formats = [answer_format(len(ps)) for ps in given] if guided else None
     rule = arm_threshold(models, cfg, arm)
     taus = [rule.at(ps[0]["score"] if ps else None, cfg.evaluate.mode) for ps in given] if rule else None
-    return models.answer(ref, prompts, cfg.evaluate.max_new_tokens, cfg.evaluate.batch_size, formats, taus)
+    generated = models.answer(ref, prompts, cfg.evaluate.max_new_tokens, cfg.evaluate.batch_size, formats, taus)
+    if rule is None:
+        return generated
+    return [replace(g, text=rule.reply(g.text, [p["text"] for p in ps])) for g, ps in zip(generated, given)]
 
 
 def summary(scores: list[dict], generated: list[Generated], questions: list[dict], kinds: list[str],

@@ -186,6 +186,7 @@ TITLE_TEMPLATES = ("What is the name of the {d}?", "Name the {d}.", "What is the
                    "Can you name the {d}?")
 PERSON_TITLE_TEMPLATES = ("Who was the {d}?", "Name the {d}.", "Which person was the {d}?")
 WORK = re.compile(r"^(\d{4}) ([\w' -]+?) by ([A-Z][\w.' -]+)$")  # "1968 film by Stanley Kubrick"
+PARENTHESIS = re.compile(r"\s*\(.*\)$")  # "Mercury (planet)", "Michael Collins (Irish leader)"
 SPAN = re.compile(r"\((?:c\. ?)?(\d{3,4})\s*[–-]\s*(?:c\. ?)?(\d{3,4})\)")  # "(1328–1384)"
 BIRTH = r"\b(?:born|birth)\b"  # words that say a year is a life's: "born in Valladolid in 1474"
 DEATH = r"\b(?:died|dies|death|executed|execution|assassinated|assassination|killed|murdered)\b"
@@ -205,6 +206,15 @@ def _life_stated(text: str, born: str, died: str) -> tuple[bool, bool]:
     span = re.search(rf"\((?:c\. ?)?{born}\S*\s*[–-]\s*(?:c\. ?)?{died}(?!\d)", text)
     return tuple(bool(span or re.search(rf"{cue}[^.;]{{0,60}}?(?<!\d){year}(?!\d)", text, re.I))
                  for cue, year in ((BIRTH, born), (DEATH, died)))
+
+
+def _stated_elsewhere(key: str, v: dict, year: str, indexed: list[tuple[str, dict]]) -> bool:
+    """Whether another indexed article names the person (by the title's last word) and states the year: its passage
+    may answer a question the person's own summary does not."""
+    surname = re.escape(PARENTHESIS.sub("", v.get("title", key)).split()[-1])
+    name = re.compile(rf"(?<!\w){surname}(?!\w)")
+    return any(k != key and year in o["extract"] and name.search(o["extract"]) and states(o["extract"], year)
+               for k, o in indexed)
 
 
 def split_of(doc_id: str, test: float = 0.1, dev: float = 0.1) -> str:
@@ -233,8 +243,9 @@ def _lower_first(description: str, words: Counter) -> str:
 def wiki_questions(key: str, v: dict, unique: bool, words: Counter, rng: random.Random, phrasings: int) -> list[dict]:
     """Every question the article's description supports, each in `phrasings` wordings: its title (when the
     description names only this article), the year and maker of a work, the years of a life or period, the country
-    of a place. Span answers are kept only where the summary states them, so retrieval can find them (a life's years
-    only where it says they are a life's: `_life_stated`)."""
+    of a place. Span answers are kept only where the summary states them, so retrieval can find them; a life's year
+    the summary does not state as one (`_life_stated`) is asked as kind `unstated`, whose right reply abstains though
+    the right article is retrieved (the app answered "When did Émile Zola die?" with another passage's year)."""
     title, text, desc = v.get("title", key), v["extract"], v.get("description", "").strip()
     out = []
 
@@ -247,26 +258,25 @@ def wiki_questions(key: str, v: dict, unique: bool, words: Counter, rng: random.
     if unique and len(desc.split()) >= 3:
         person = v.get("topic") == "People"
         d = _lower_first(desc, words)
-        short = re.sub(r"\s*\(.*\)$", "", title)  # "Mercury (planet)" is answered by "Mercury"
+        short = PARENTHESIS.sub("", title)  # "Mercury (planet)" is answered by "Mercury"
         add("title", _phrase(PERSON_TITLE_TEMPLATES if person else TITLE_TEMPLATES, rng, phrasings, d=d),
             list(dict.fromkeys([title, short])))
     if m := WORK.match(desc):
         year, kind, maker = m.groups()
         made, released = CREATED.get(kind.split()[-1], ("created", "made"))
-        if year in text:
+        if states(text, year):
             add("year", [f"In what year was {title} {released}?", f"When was {title} {released}?",
                          f"What year is {title} from?"][:phrasings], [year])
-        if maker in text:
+        if states(text, maker):
             add("person", [f"Who {made} {title}?", f"{title} is by whom?",
                            f"Who is the creator of {title}?"][:phrasings], [maker])
     if (m := SPAN.search(desc)) and v.get("topic") == "People":
         born, died = m.groups()
-        born_stated, died_stated = _life_stated(text, born, died)
-        if born_stated:
-            add("year", [f"In what year was {title} born?", f"When was {title} born?"][:phrasings], [born])
-        if died_stated:
-            add("year", [f"In what year did {title} die?", f"When did {title} die?"][:phrasings], [died])
-    if (m := PLACE.match(desc)) and m.group(1) in text:
+        for stated, year, asked in zip(_life_stated(text, born, died), (born, died),
+                                       ([f"In what year was {title} born?", f"When was {title} born?"],
+                                        [f"In what year did {title} die?", f"When did {title} die?"])):
+            add("year" if stated else "unstated", asked[:phrasings], [year])
+    if (m := PLACE.match(desc)) and states(text, m.group(1)):  # as a word: "Indian state" does not say India
         add("place", [f"In which country is {title}?", f"Where is {title}? Name the country."][:phrasings],
             [m.group(1)])
     return out
@@ -279,8 +289,10 @@ def wiki_qa(out: Path, source: str | None = None, phrasings: int = 2, held_out: 
     Writes `corpus/wiki.jsonl` (what to index) and `qa.jsonl`: {id, question, answers, gold_docs, kind, split,
     phrasing}. A share `held_out` of the train articles, and `eval_held_out` of the dev and test ones, is left out of
     the corpus; their questions become unanswerable (answers and gold_docs empty: the right reply abstains) where no
-    indexed article even names them. The splits asked hold out more (about 190 questions each, not 40), so abstention
-    can be measured, and calibrated, to a tenth."""
+    indexed article even names them. A life's year its summary does not state (kind `unstated`) is asked the same
+    way, with answers and gold_docs empty, where no other indexed article states it beside the person's name. The
+    splits asked hold out more (about 190 questions each, not 40), so abstention can be measured, and calibrated, to
+    a tenth."""
     items = list(_wiki_items(source))
     counts = Counter(v.get("description", "").strip().lower() for _, v in items)
     rng = random.Random(seed)
@@ -296,8 +308,11 @@ def wiki_qa(out: Path, source: str | None = None, phrasings: int = 2, held_out: 
         if not answerable and v.get("title", key).lower() in indexed_text:
             continue  # another article names it: not reliably unanswerable
         for q in questions:
-            rows.append({"id": f"q{len(rows)}", **q, "answers": q["answers"] if answerable else [],
-                         "gold_docs": [key] if answerable else [], "kind": q["kind"] if answerable else "unanswerable",
+            if q["kind"] == "unstated" and (not answerable or _stated_elsewhere(key, v, q["answers"][0], indexed)):
+                continue
+            known = answerable and q["kind"] != "unstated"
+            rows.append({"id": f"q{len(rows)}", **q, "answers": q["answers"] if known else [],
+                         "gold_docs": [key] if known else [], "kind": q["kind"] if answerable else "unanswerable",
                          "split": split_of(key), "doc_id": key})
     corpus = ({"id": k, "title": v.get("title", k), "text": v["extract"], "topic": v.get("topic", "")}
               for k, v in indexed)

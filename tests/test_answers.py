@@ -177,6 +177,31 @@ def test_calibration_lowers_the_threshold_where_retrieval_scored_low():
         Threshold(0.5, 3.0)
 
 
+def test_calibration_withholds_answers_the_cited_passages_do_not_hold():
+    """A year the passages never give ("When was Charles Babbage born?" over a summary without one), at a probability
+    of abstaining no lower than right answers': no threshold separates them, the passages do. The rule withholds such
+    an answer (the reply abstains) and keeps a grounded one, an abstention and a reply out of the format."""
+    from tandem.abstention import Threshold, calibrate
+    from tandem.prompts import rag_answer
+
+    babbage = ["Charles Babbage was an English polymath and mechanical engineer."]
+    rule = Threshold(0.3, min_grounded=1.0)
+    assert rule.reply(rag_answer("1791", [1]), babbage) == rag_answer("", [])
+    assert rule.reply(rag_answer("1791", [2]), babbage) == rag_answer("", [])  # cites a passage never given
+    for kept in (rag_answer("mechanical engineer", [1]), rag_answer("", []), "Babbage was born in 1791."):
+        assert rule.reply(kept, babbage) == kept
+    assert Threshold(0.3).reply(rag_answer("1791", [1]), babbage) == rag_answer("1791", [1])  # no grounding asked
+    assert Threshold.parse(rule.tag()) == rule and rule.to_dict() == {"threshold": 0.3, "min_grounded": 1.0}
+    with pytest.raises(ValueError, match="min_grounded 0"):
+        Threshold(0.3, min_grounded=0.0)
+
+    scores, right, grounded = [0.1, 0.1, 0.1, 0.1], [None, None, 1.0, 0.0], [0.0, 0.0, 1.0, 1.0]
+    found = calibrate(scores * 10, [False] * 40, right * 10, samples=200, grounded=grounded * 10)
+    assert found.min_grounded is not None and found.best[1:] == (3 / 4, 1.0) and found.greedy == (1 / 4, 0.0)
+    assert found.rule("hybrid") == Threshold(1.0, min_grounded=found.min_grounded)  # τ 1: abstain where greedy does
+    assert calibrate(scores * 10, [False] * 40, right * 10, samples=200).min_grounded is None
+
+
 def test_wiki_qa_is_split_by_document_with_unanswerable_questions(tmp_path):
     stats = wiki_qa(tmp_path, str(wiki_source()))
     rows = [json.loads(line) for line in (tmp_path / "qa.jsonl").read_text().splitlines()]
@@ -188,10 +213,12 @@ def test_wiki_qa_is_split_by_document_with_unanswerable_questions(tmp_path):
     indexed = {json.loads(line)["id"] for line in (tmp_path / "corpus" / "wiki.jsonl").read_text().splitlines()}
     assert stats["documents"] == len(indexed)
     kinds = {r["kind"] for r in rows if r["split"] == "test"}
-    assert kinds == {"title", "year", "person", "place", "unanswerable"}
+    assert kinds == {"title", "year", "person", "place", "unanswerable", "unstated"}
     for r in rows:
         if r["kind"] == "unanswerable":  # its article is not indexed: the right reply abstains
             assert r["answers"] == r["gold_docs"] == [] and r["doc_id"] not in indexed
+        elif r["kind"] == "unstated":  # its article is indexed and does not say: the right reply abstains too
+            assert r["answers"] == r["gold_docs"] == [] and r["doc_id"] in indexed
         else:
             assert r["gold_docs"] == [r["doc_id"]] and r["doc_id"] in indexed and r["answers"]
             assert not any(states(r["question"], a) for a in r["answers"])  # the passage is needed
@@ -203,14 +230,17 @@ def test_wiki_qa_is_split_by_document_with_unanswerable_questions(tmp_path):
 
 
 def test_a_life_s_years_are_asked_only_where_the_summary_says_they_are_a_life_s():
-    def years(extract: str, desc: str = "French novelist (1840–1902)") -> dict:
+    def years(extract: str, desc: str = "French novelist (1840–1902)", kind: str = "year") -> dict:
         v = {"title": "Émile Zola", "extract": extract, "description": desc, "topic": "People"}
         return {q["question"]: q["answers"] for q in wiki_questions("zola", v, False, Counter(), random.Random(0), 1)
-                if q["kind"] == "year"}
+                if q["kind"] == kind}
 
     life = {"In what year was Émile Zola born?": ["1840"], "In what year did Émile Zola die?": ["1902"]}
-    # the years are there, but as other events': the passage does not answer, so the question is not asked
-    assert years("Zola was nominated for the Nobel Prize in 1901 and 1902, and wrote of Paris in 1840.") == {}
+    # the years are there, but as other events': the passage does not answer, so the question is asked as one whose
+    # right reply abstains
+    nominated = "Zola was nominated for the Nobel Prize in 1901 and 1902, and wrote of Paris in 1840."
+    assert years(nominated) == {} and years(nominated, kind="unstated") == life
+    assert years("Émile Zola (1840–1902) was a French novelist.", kind="unstated") == {}
     assert years("Émile Zola (1840–1902) was a French novelist.") == life
     assert years("Zola, born in Paris in 1840, wrote novels until his death in 1902.") == life
     assert years("Zola (1840/41–1902/03) was a novelist.") == life

@@ -197,8 +197,11 @@ def test_questions_are_picked_in_turn_by_kind_or_with_a_share_of_unanswerable_on
     from tandem.errors import ConfigError
     from tandem.qa import pick
 
-    pool = ([{"id": f"t{i}", "kind": "title"} for i in range(50)] + [{"id": f"y{i}", "kind": "year"} for i in range(3)]
-            + [{"id": f"u{i}", "kind": "unanswerable"} for i in range(30)])
+    def asked(kind: str, n: int) -> list[dict]:
+        answers = [] if kind in ("unanswerable", "unstated") else ["x"]
+        return [{"id": f"{kind}{i}", "kind": kind, "answers": answers, "gold_docs": answers} for i in range(n)]
+
+    pool = asked("title", 50) + asked("year", 3) + asked("unanswerable", 30)
     kinds = [q["kind"] for q in pick(pool, 9)]
     assert kinds.count("unanswerable") == kinds.count("year") == kinds.count("title") == 3
     assert len(pick(pool, 0)) == len(pool) and len(pick(pool, 0, 0.5)) == len(pool)
@@ -206,6 +209,9 @@ def test_questions_are_picked_in_turn_by_kind_or_with_a_share_of_unanswerable_on
     assert sum(q["kind"] == "unanswerable" for q in shared) == 10
     assert sum(q["kind"] == "year" for q in shared) == 3 and len(shared) == 20  # the answerable in turn: every year
     assert sum(q["kind"] == "unanswerable" for q in pick(pool, 100, 0.5)) == 30  # as many as there are
+    # the unanswerable share is taken in turn from its kinds too: every one of the few unstated questions
+    shared = pick(pool + asked("unstated", 4), 20, 0.5)
+    assert sum(q["kind"] == "unstated" for q in shared) == 4 and sum(q["kind"] == "unanswerable" for q in shared) == 6
     with pytest.raises(ConfigError, match="unanswerable_share=2"):
         pick(pool, 10, 2)
 

@@ -126,8 +126,9 @@ class EvaluateConfig:
     # a copy of evaluate.collection, made anew each run, where the changed documents are indexed
     freshness_collection: str = "${evaluate.collection}_fresh"
     # tuned + RAG answers the split (dev) undecided, and the adapter version gets, for evaluate.collection, the
-    # abstention threshold that answers the most questions right (tandem/abstention.py); its later arms with RAG
-    # over that collection, and the app's routes over it, use it
+    # abstention threshold that answers the most questions right, withholding the answers its cited passages do not
+    # hold where that answers more right (tandem/abstention.py); its later arms with RAG over that collection, and
+    # the app's routes over it, use it
     calibrate: bool = False
     # with calibrate: the threshold answering the most answerable questions right among those abstaining on at least
     # this share of the unanswerable dev questions (recorded even where it answers fewer right than greedy

@@ -272,10 +272,17 @@ def wiki_questions(key: str, v: dict, unique: bool, words: Counter, rng: random.
                            f"Who is the creator of {title}?"][:phrasings], [maker])
     if (m := SPAN.search(desc)) and v.get("topic") == "People":
         born, died = m.groups()
+        unstated = []
         for stated, year, asked in zip(_life_stated(text, born, died), (born, died),
                                        ([f"In what year was {title} born?", f"When was {title} born?"],
                                         [f"In what year did {title} die?", f"When did {title} die?"])):
-            add("year" if stated else "unstated", asked[:phrasings], [year])
+            if stated:
+                add("year", asked[:phrasings], [year])
+            else:
+                unstated += [(q, year) for q in asked[:phrasings]]
+        if unstated:  # one a person: four alike (one person's answers) would weigh a few people in a mix of 50
+            question, year = unstated[int(position(f"unstated:{key}") * len(unstated))]
+            add("unstated", [question], [year])
     if (m := PLACE.match(desc)) and states(text, m.group(1)):  # as a word: "Indian state" does not say India
         add("place", [f"In which country is {title}?", f"Where is {title}? Name the country."][:phrasings],
             [m.group(1)])

@@ -236,10 +236,11 @@ def test_a_life_s_years_are_asked_only_where_the_summary_says_they_are_a_life_s(
                 if q["kind"] == kind}
 
     life = {"In what year was Émile Zola born?": ["1840"], "In what year did Émile Zola die?": ["1902"]}
-    # the years are there, but as other events': the passage does not answer, so the question is asked as one whose
-    # right reply abstains
+    # the years are there, but as other events': the passage does not answer, so one of them is asked as a question
+    # whose right reply abstains (one a person)
     nominated = "Zola was nominated for the Nobel Prize in 1901 and 1902, and wrote of Paris in 1840."
-    assert years(nominated) == {} and years(nominated, kind="unstated") == life
+    unstated = years(nominated, kind="unstated")
+    assert years(nominated) == {} and len(unstated) == 1 and unstated.items() <= life.items()
     assert years("Émile Zola (1840–1902) was a French novelist.", kind="unstated") == {}
     assert years("Émile Zola (1840–1902) was a French novelist.") == life
     assert years("Zola, born in Paris in 1840, wrote novels until his death in 1902.") == life

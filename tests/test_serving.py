@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import threading
 import time
 from pathlib import Path
@@ -76,8 +77,6 @@ def chat(client: httpx.Client, model: str, content: str = QUESTION, **kw) -> htt
 def test_response_format_makes_the_answer_json_its_schema_accepts(client, http):
     """OpenAI's structured outputs through the openai client: the base model alone writes no JSON for this question;
     guided, its answer parses and has exactly the schema's field. Schemas that cannot be enforced get 400."""
-    import json
-
     schema = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 20}}, "required": ["answer"]}
     asked = [{"role": "user", "content": "Which film did Stanley Kubrick make with Arthur C. Clarke?"}]
     free = client.chat.completions.create(model="chat", messages=asked, max_tokens=24)
@@ -99,8 +98,6 @@ def test_response_format_makes_the_answer_json_its_schema_accepts(client, http):
 def test_a_guided_route_answers_in_the_rag_shape_without_an_adapter(client):
     """`guided: true`: the base model, which writes prose when free (route `chat`), answers a RAG route in the
     trained JSON shape, citing only the passages it was given; a caller's own response_format still wins."""
-    import json
-
     from tandem.prompts import parse_rag_answer
 
     asked = [{"role": "user", "content": QUESTION}]
@@ -159,6 +156,30 @@ def test_a_calibrated_adapter_version_abstains_above_its_threshold(client, serve
     assert versions["demo@3"]["abstain_thresholds"] == {"wiki": {"threshold": 0.999999, "retrieval_weight": 1000.0,
                                                                  "top_score": 10.0, "mode": "hybrid"}}
     assert versions["demo@1"]["abstain_thresholds"] == {}
+
+
+def test_a_rule_asking_for_grounding_withholds_an_answer_its_cited_passages_do_not_hold(client, serve_cfg):
+    """An adapter version whose rule asks for grounding (`min_grounded`, as calibration records it) serves the
+    abstention reply in place of an answer whose words the passages it cites do not hold, streamed or not (a stream
+    is held back for the check), and a grounded answer as it is. The answers are pinned by a response_format."""
+    from tandem.abstention import Threshold
+    from tandem.prompts import rag_answer
+
+    def pinned(answer: str) -> dict:  # the reply can only be {"answer": answer, "sources": [1]}
+        return {"type": "json_schema", "json_schema": {"name": "pinned", "schema": {
+            "type": "object", "required": ["answer", "sources"],
+            "properties": {"answer": {"const": answer},
+                           "sources": {"type": "array", "items": {"const": 1}, "minItems": 1, "maxItems": 1}}}}}
+
+    asked = {"model": "assistant@3", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 32}
+    with calibrated(client, serve_cfg, "demo@3", Threshold(1.0, min_grounded=1.0)):  # τ 1: greedy decoding's own
+        made_up = client.chat.completions.create(**asked, response_format=pinned("Zanzibar"))
+        streamed = list(client.chat.completions.create(**asked, response_format=pinned("Zanzibar"), stream=True))
+        grounded = client.chat.completions.create(**asked, response_format=pinned("Stanley Kubrick"))
+    assert made_up.model_extra["sources"][0]["doc_id"] == "2001: A Space Odyssey"
+    assert made_up.choices[0].message.content == rag_answer("", [])
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == rag_answer("", [])
+    assert json.loads(grounded.choices[0].message.content) == {"answer": "Stanley Kubrick", "sources": [1]}
 
 
 def test_streaming_matches_the_whole_answer(client):

@@ -195,7 +195,8 @@ def build_grounded(cfg, out: Path) -> dict:
 
     e, d = cfg.evaluate, cfg.data
     # a question whose answer is a whole document and no sentence of it cannot be labelled: left out; so are the
-    # unstated life years, for now (asked in evaluation; not yet measured as training rows)
+    # unstated life years, for now: `make train`'s recipe gained from them (README, "Answers the passages do not
+    # hold"), the demo's 60 steps are not measured with them yet
     train = [q for q in load_qa(e.qa, "train") if (q["answers"] or not q["gold_docs"]) and q["kind"] != "unstated"]
     if not any(q["answers"] for q in train):
         raise ConfigError(f"evaluate.qa={e.qa} has no questions with reference answers (a whole document answers "

@@ -35,8 +35,9 @@ def load_qa(root: str | Path, split: str) -> list[dict]:
 def pick(questions: list[dict], limit: int, unanswerable_share: float | None = None) -> list[dict]:
     """Up to `limit` questions (0: all), taken in turn from each kind, so rare kinds (unanswerable, years) are not
     drowned by the common one. With `unanswerable_share`, that share of the `limit` is unanswerable questions (as many
-    as there are, in turn from each unanswerable kind), the rest answerable ones in turn from each kind: abstention measured on 16 questions swings by
-    +-0.2, so a gate or a benchmark may ask more of them than of each answerable kind."""
+    as there are, in turn from each unanswerable kind), the rest answerable ones in turn from each kind: abstention
+    measured on 16 questions swings by +-0.2, so a gate or a benchmark may ask more of them than of each answerable
+    kind."""
     if unanswerable_share is None or not limit:
         return _in_turn(questions)[: limit or None]
     check_share("unanswerable_share", unanswerable_share)

@@ -68,11 +68,17 @@ class Reply:
         return self.valid and not self.answer and not self.sources
 
 
+def has_answer(references: list[str], gold_docs: list[str]) -> bool:
+    """Whether a question has an answer in the index: reference answers or a gold document (none: the right reply
+    abstains, whether its article is not indexed or says nothing of it)."""
+    return bool(references or gold_docs)
+
+
 def score_answer(reply: Reply, references: list[str], gold_docs: list[str], passages: list[dict]) -> dict:
     """Metrics for one question. `passages`: what the prompt numbered (each with `doc_id` and `text`), [] without
     retrieval; `references` and `gold_docs` are empty for an unanswerable question. A question whose answer is a
     whole document (the FAQ's) has `gold_docs` and no `references`: it is scored on citations and groundedness only."""
-    answerable = bool(references or gold_docs)
+    answerable = has_answer(references, gold_docs)
     cited = [passages[i - 1] for i in dict.fromkeys(reply.sources) if 1 <= i <= len(passages)]
     out = {"valid": float(reply.valid), "answerable": answerable}
     if not answerable:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from tandem.answers import has_answer
 from tandem.errors import ConfigError
 from tandem.facts import states
 from tandem.prompts import rag_answer, rag_messages
@@ -41,15 +42,10 @@ def pick(questions: list[dict], limit: int, unanswerable_share: float | None = N
     if unanswerable_share is None or not limit:
         return _in_turn(questions)[: limit or None]
     check_share("unanswerable_share", unanswerable_share)
-    unanswerable = _in_turn([q for q in questions if not answerable(q)])[: round(limit * unanswerable_share)]
-    answered = _in_turn([q for q in questions if answerable(q)])[: limit - len(unanswerable)]
-    return _in_turn(unanswerable + answered)
-
-
-def answerable(question: dict) -> bool:
-    """Whether the question has an answer in the index: reference answers or a gold document. Unanswerable kinds:
-    `unanswerable` (the article is not indexed) and `unstated` (it is, and does not say)."""
-    return bool(question["answers"] or question["gold_docs"])
+    answered = [has_answer(q["answers"], q["gold_docs"]) for q in questions]
+    unanswerable = _in_turn([q for q, a in zip(questions, answered) if not a])[: round(limit * unanswerable_share)]
+    rest = _in_turn([q for q, a in zip(questions, answered) if a])[: limit - len(unanswerable)]
+    return _in_turn(unanswerable + rest)
 
 
 def _in_turn(questions: list[dict]) -> list[dict]:

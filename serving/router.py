@@ -302,10 +302,11 @@ class Router:
                            "messages", "context_length_exceeded")
         # the id carries its time (8 hex digits of the epoch second), so feedback finds its log partition directly
         request_id = f"chatcmpl-{int(time.time()):08x}{uuid.uuid4().hex[:24]}"
+        rule = self._rule(route, choice.adapter)
         payload = {"prompt": prompt, "adapter": choice.adapter, "max_tokens": max_tokens,
                    "temperature": body.temperature or 0.0, "top_p": body.top_p or 1.0, "stop": body.stop or [],
                    "ignore_eos": body.ignore_eos, "regex": regex,
-                   "abstain_threshold": self._threshold(route, choice.adapter, sources)}
+                   "abstain_threshold": self._threshold(rule, route, sources)}
         events = self._generate(payload)
         record = {"request_id": request_id, "model": body.model, "route": route.name, "variant": choice.variant,
                   "adapter": choice.adapter, "key_id": key.id if key else None,
@@ -317,10 +318,10 @@ class Router:
         if route.shadow and route.canary and choice.variant == route.default_variant:
             shadow = {**record, "variant": "shadow", "adapter": route.canary,
                       "request_id": f"shadow-{request_id.removeprefix('chatcmpl-')}", "shadow_of": request_id}
+            canary_rule = self._rule(route, route.canary)
             self.shadows.add(asyncio.create_task(self._shadow(
-                {**payload, "adapter": route.canary,
-                 "abstain_threshold": self._threshold(route, route.canary, sources)},
-                shadow, sources, route)))
+                {**payload, "adapter": route.canary, "abstain_threshold": self._threshold(canary_rule, route, sources)},
+                shadow, sources, canary_rule)))
         try:  # the first event before any answer is sent: a full queue or an unloadable adapter is a status code
             first = await events.__anext__()
             if "error" in first and first.get("status") != 400:
@@ -332,7 +333,6 @@ class Router:
         if "error" in first:  # the caller's request could not be served as asked: not an answer, not logged
             raise APIError(400, first["error"], "response_format", "invalid_response_format")
         include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
-        rule = self._rule(route, choice.adapter)
         if body.stream and (rule is None or rule.min_grounded is None):
             return StreamingResponse(self._sse(first, events, body.model, sources, meta, record, started,
                                                include_usage), media_type="text/event-stream", headers=headers)
@@ -377,9 +377,9 @@ class Router:
         prompt asks for abstention)."""
         return self.table.thresholds.get(adapter, {}).get(self._collection(route)) if route.cfg.rag else None
 
-    def _threshold(self, route, adapter: str | None, sources: list[dict]) -> float | None:
+    @staticmethod
+    def _threshold(rule: Threshold | None, route, sources: list[dict]) -> float | None:
         """The rule's threshold at the top passage's score."""
-        rule = self._rule(route, adapter)
         return rule.at(sources[0]["score"] if sources else None, route.cfg.mode) if rule else None
 
     @staticmethod
@@ -404,7 +404,7 @@ class Router:
         splits no batch); any replica can still serve any adapter, loading it on demand."""
         return self.llm.options(stream=True, multiplexed_model_id=payload["adapter"] or "").remote(payload)
 
-    async def _shadow(self, payload: dict, record: dict, sources: list[dict], route) -> None:
+    async def _shadow(self, payload: dict, record: dict, sources: list[dict], rule: Threshold | None) -> None:
         """The canary answers a copy of the request; the answer is logged as it would be served, never returned."""
         started, text, last, status, message = time.perf_counter(), "", {}, "ok", None
         try:
@@ -417,7 +417,7 @@ class Router:
         except Exception as e:  # a failing shadow must not touch the user's request
             status, message = "error", str(e)
         if status == "ok":
-            text = self._served(self._rule(route, payload["adapter"]), text, sources, record)
+            text = self._served(rule, text, sources, record)
         try:
             self._log(record, started, text, last, sources, status=status, error=message)
         except LogWriteError as e:  # nobody waits for a shadow answer: the operator's log says it was lost

@@ -186,18 +186,19 @@ def build_grounded(cfg, out: Path) -> dict:
     `data.near_miss_share`, a pool of three times as many questions is retrieved for, to draw that share of near
     misses from. With `data.counterfactual_share`, that share of the rows has a changed fact in its passages
     (`tandem.facts.counterfactuals`); with `data.contrast_share`, that share is an answerable question asked again
-    without its gold passage (`contrasted`). Questions whose label is `undecided` are left out and counted."""
+    without its gold passage (`contrasted`). Questions whose label is `undecided` are left out and counted; so are the
+    kinds in `data.skip_kinds`, uncounted."""
     from tandem.datasets import write_jsonl
     from tandem.facts import counterfactuals, read_corpus
 
     e, d = cfg.evaluate, cfg.data
-    # a question whose answer is a whole document and no sentence of it cannot be labelled: left out; so are the
-    # unstated life years, for now: `make train`'s recipe gained from them (README, "Answers the passages do not
-    # hold"), the demo's 60 steps are not measured with them yet
-    train = [q for q in load_qa(e.qa, "train") if (q["answers"] or not q["gold_docs"]) and q["kind"] != "unstated"]
+    # a question whose answer is a whole document and no sentence of it cannot be labelled: left out
+    train = [q for q in load_qa(e.qa, "train")
+             if (q["answers"] or not q["gold_docs"]) and q["kind"] not in d.skip_kinds]
     if not any(q["answers"] for q in train):
-        raise ConfigError(f"evaluate.qa={e.qa} has no questions with reference answers (a whole document answers "
-                          "each), so no grounded reply can be labelled from it: use a span QA set such as wiki_qa")
+        raise ConfigError(f"evaluate.qa={e.qa} has no questions with reference answers outside data.skip_kinds="
+                          f"{list(d.skip_kinds)} (whole documents answer a QA set such as faq_qa), so no grounded "
+                          "reply can be labelled from it: use a span QA set such as wiki_qa")
     check_share("data.counterfactual_share", d.counterfactual_share)
     check_share("data.contrast_share", d.contrast_share)
     questions = pick(one_per_fact(train), d.rows * (3 if d.near_miss_share is not None else 1))

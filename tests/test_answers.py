@@ -287,6 +287,16 @@ def test_the_grounded_task_needs_reference_answers(tmp_path):
         prepare_main(["data.dataset=grounded_qa", f"evaluate.qa={tmp_path}", f"data.out={tmp_path / 'out'}"])
 
 
+def test_question_kinds_can_be_left_out_of_the_grounded_task(small_qa, tmp_path):
+    from jobs.prepare_data import main as prepare_main
+    from tandem.errors import ConfigError
+
+    answerable = ["title", "year", "person", "place"]  # wiki_qa's kinds with reference answers: none left to label
+    with pytest.raises(ConfigError, match=r"no questions with reference answers outside data.skip_kinds=\['title'"):
+        prepare_main(["data.dataset=grounded_qa", f"evaluate.qa={small_qa}",
+                      f"data.skip_kinds=[{','.join(answerable)}]", f"data.out={tmp_path / 'out'}"])
+
+
 def test_a_share_outside_0_1_is_refused_before_retrieval(small_qa, tmp_path):
     from jobs.prepare_data import main as prepare_main
     from tandem.errors import ConfigError

@@ -101,7 +101,7 @@ def test_dev_split_is_stable_and_significance_sees_a_real_difference():
 
 def test_grounded_rows_cite_the_passage_that_states_the_answer_or_abstain():
     from tandem.prompts import SYSTEM, parse_rag_answer
-    from tandem.qa import grounded_rows
+    from tandem.qa import grounded_rows, near_miss
 
     question = {"id": "q1", "kind": "person", "question": "Who wrote Dracula?", "answers": ["Bram Stoker"],
                 "gold_docs": ["Dracula"]}
@@ -115,6 +115,10 @@ def test_grounded_rows_cite_the_passage_that_states_the_answer_or_abstain():
     # no retrieved passage states the answer (even the gold one, here): the right reply abstains
     for row in rows[1:]:
         assert parse_rag_answer(row["messages"][-1]["content"]) == {"answer": "", "sources": []} and row["abstain"]
+    # a life's year the person's own passage does not state (wiki_qa's kind `unstated`): a near miss that abstains
+    zola = {"id": "q2", "kind": "unstated", "question": "When did Émile Zola die?", "answers": [], "gold_docs": []}
+    row = grounded_rows([zola], [[{"doc_id": "Émile Zola", "text": "Émile Zola was a French novelist."}, other]])[0]
+    assert parse_rag_answer(row["messages"][-1]["content"]) == {"answer": "", "sources": []} and near_miss(row)
     assert parse_rag_answer('{"answer": "x", "sources": [1, true]}') is None
     assert parse_rag_answer('{"answer": "x", "sources": [2], "extra": 1}') is None
     assert parse_rag_answer("Paris.") is None

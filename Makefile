@@ -64,7 +64,7 @@ demo: setup setup-vllm
 		registry.reason="make demo"
 	$(PY) -m serving serve.ask="$(DEMO_QUERY)"
 
-# after `make demo`: its task trained on every training row once with a decaying learning rate (134 steps, ~40 min
+# after `make demo`: its task trained on every training row once with a decaying learning rate (133 steps, ~40 min
 # here), which answered held-out questions better than the demo's 60 steps (README, "Answer quality"); calibrated,
 # validated, then promoted by hand
 # (`python -m jobs.registry alias registry.name=grounded_qa registry.alias=production registry.version=validated`)

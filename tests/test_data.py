@@ -162,6 +162,10 @@ def test_store_versions_are_immutable_content_addressed_and_resolvable(tmp_path)
     with pytest.raises(LookupError, match="no single version"):
         store.resolve("demo@ffffff")
     assert [item["ref"] for item in store.list()] == [v1.ref, v2.ref]
+    # the same rows added again (make demo after make train) are what `latest` trains on
+    again, new = store.add("demo", rows, source="a.jsonl", rejected=[], tokenizer="tok")
+    assert not new and store.resolve("demo@latest").version == v1.version
+    assert [item["ref"] for item in store.list()] == [v2.ref, v1.ref]
 
 
 def test_dataset_job_with_the_base_tokenizer(workdir, tmp_path, capsys):

@@ -68,7 +68,8 @@ class DatasetStore:
 
     def add(self, name: str, rows: list[dict], *, source: str, rejected: list[dict], tokenizer: str,
             parent: str | None = None, extra: dict | None = None) -> tuple[DatasetVersion, bool]:
-        """Write a version unless the same rows are already stored; return it and whether it is new."""
+        """Write a version unless the same rows are already stored; return it and whether it is new. Either way it
+        becomes `latest`: `make demo` after `make train` adds rows stored before and must train on them."""
         if not name or "@" in name or "/" in name:
             raise ValueError(f"dataset name {name!r} must be non-empty, without '@' or '/'")
         table = pa.Table.from_pylist(rows, schema=SCHEMA)
@@ -78,6 +79,7 @@ class DatasetStore:
         version = hashlib.sha256(canonical.encode()).hexdigest()[:12]
         target = self.root / name / version
         if (target / "manifest.json").is_file():
+            self._mark_latest(name, version)
             return DatasetVersion(name, version, target), False
         tmp = target.with_name(f".{version}.partial-{os.getpid()}")
         tmp.mkdir(parents=True, exist_ok=True)
@@ -100,9 +102,13 @@ class DatasetStore:
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
         tmp.rename(target)  # a version appears whole or not at all
-        index = self.root / name / "versions.json"
-        index.write_text(json.dumps(self._versions(name) + [version], indent=2) + "\n")
+        self._mark_latest(name, version)
         return DatasetVersion(name, version, target), True
+
+    def _mark_latest(self, name: str, version: str) -> None:
+        """versions.json lists the versions in the order they were last added."""
+        index = self.root / name / "versions.json"
+        index.write_text(json.dumps([v for v in self._versions(name) if v != version] + [version], indent=2) + "\n")
 
     def resolve(self, ref: str) -> DatasetVersion:
         """`NAME@VERSION`, `NAME@latest` or `NAME` (latest)."""

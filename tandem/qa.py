@@ -184,7 +184,8 @@ def build_grounded(cfg, out: Path) -> dict:
     """`data.rows` rows of the grounded task from the train split of `evaluate.qa` (one phrasing per fact, spread
     over question kinds), with `evaluate.k` passages from the retriever in `evaluate.mode`; written as JSONL. With
     `data.near_miss_share`, a pool of three times as many questions is retrieved for, to draw that share of near
-    misses from. With `data.counterfactual_share`, that share of the rows has a changed fact in its passages
+    misses from; with `data.unanswerable_share`, that share of the questions has no answer. With
+    `data.counterfactual_share`, that share of the rows has a changed fact in its passages
     (`tandem.facts.counterfactuals`); with `data.contrast_share`, that share is an answerable question asked again
     without its gold passage (`contrasted`). Questions whose label is `undecided` are left out and counted; so are the
     kinds in `data.skip_kinds`, uncounted."""
@@ -199,9 +200,10 @@ def build_grounded(cfg, out: Path) -> dict:
         raise ConfigError(f"evaluate.qa={e.qa} has no questions with reference answers outside data.skip_kinds="
                           f"{list(d.skip_kinds)} (whole documents answer a QA set such as faq_qa), so no grounded "
                           "reply can be labelled from it: use a span QA set such as wiki_qa")
-    check_share("data.counterfactual_share", d.counterfactual_share)
-    check_share("data.contrast_share", d.contrast_share)
-    questions = pick(one_per_fact(train), d.rows * (3 if d.near_miss_share is not None else 1))
+    for key in ("counterfactual_share", "contrast_share", "unanswerable_share"):
+        if d[key] is not None:
+            check_share(f"data.{key}", d[key])
+    questions = pick(one_per_fact(train), d.rows * (3 if d.near_miss_share is not None else 1), d.unanswerable_share)
     corpus = Path(e.qa) / "corpus"
     passages = passages_for(cfg, [corpus], questions, e.collection, e.k + 1 if d.contrast_share else e.k, e.mode)
     questions, passages = contrasted(questions, passages, e.k, round(d.rows * d.contrast_share))

@@ -301,7 +301,7 @@ def test_a_share_outside_0_1_is_refused_before_retrieval(small_qa, tmp_path):
     from jobs.prepare_data import main as prepare_main
     from tandem.errors import ConfigError
 
-    for key in ("counterfactual_share", "contrast_share"):
+    for key in ("counterfactual_share", "contrast_share", "unanswerable_share"):
         with pytest.raises(ConfigError, match=rf"data.{key}=1.5: expected a share between 0 and 1"):
             prepare_main(["data.dataset=grounded_qa", f"evaluate.qa={small_qa}", f"data.{key}=1.5",
                           f"data.out={tmp_path / 'out'}"])

@@ -29,9 +29,10 @@ RAY = str(Path(sys.executable).with_name("ray"))
 GPU_WORKER = {"resources": {"CPU": 1, "GPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 2}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def head(tmp_path_factory):
-    """A separate autoscaling Ray head (its own ports and temp dir) run with --block, so stopping it stops only it.
+    """A separate autoscaling Ray head (its own ports and temp dir) run with --block, so stopping it stops only it;
+    gone before the multinode test, whose three nodes its autoscaler (polling every second) and GPU node slowed.
 
     It starts with no GPU; Ray's autoscaler, on its fake multi-node provider, adds GPU workers when tasks ask for
     GPUs and removes them when idle, as KubeRay's does with pods.

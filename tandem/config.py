@@ -193,11 +193,10 @@ class DataConfig:
     contrast_share: float = 0.0
     # grounded_qa: question kinds of evaluate.qa left out of the rows. `unstated` (a life's year the person's passage
     # does not state): one epoch on rows with them answered more test questions right (make train), while the demo's
-    # 60 steps, a sixth of their rows on them, lost titles (README, "Answers the passages do not hold")
+    # 60 steps with them lost titles, whatever their share of the rows (README, "Answers the passages do not hold")
     skip_kinds: List[str] = field(default_factory=lambda: ["unstated"])
     # grounded_qa: the share of questions drawn from those with no answer in the index (`unanswerable` and `unstated`,
-    # in turn), the rest in turn from the answerable kinds; None: in turn from every kind, so each kind added to the
-    # rows takes rows from every other (`unstated` took a sixth, and titles lost)
+    # in turn), the rest in turn from the answerable kinds; None: in turn from every kind
     unanswerable_share: Optional[float] = None
 
 

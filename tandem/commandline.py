@@ -136,7 +136,7 @@ class Job:
         try:
             parsed = OverridesParser.create().parse_overrides(overrides)
         except HydraException as e:
-            raise ConfigError(_first_line(e)) from None
+            raise _override_error(e) from None
         choices = []
         for o in parsed:
             key = o.get_key_element()
@@ -154,7 +154,7 @@ class Job:
         return runs
 
     def _load(self, name: str, overrides: list[str]) -> DictConfig:
-        from hydra.errors import HydraException
+        from hydra.errors import HydraException, OverrideParseException
         from omegaconf.errors import OmegaConfBaseException
 
         try:
@@ -167,12 +167,25 @@ class Job:
                     if str(key).startswith("serve.routes.") else ""
                 raise ConfigError(f"unknown config key {key} for {self.prog} (--help lists the keys{hint})") from None
             if "Ambiguous value" in str(e):
-                raise ConfigError(f"{_first_line(e).split('for argument ')[-1]}: a list is key=[a,b]; "
+                raise ConfigError(f"{_first_line(e).split('for argument ')[-1]}: a list is key=[a,b], text with a "
+                                  f"comma is quoted, key='a, b'; "
                                   f"{'-m sweeps a,b' if self.sweeps else 'this job has no sweeps'}") from None
+            if isinstance(e, OverrideParseException):
+                raise _override_error(e) from None
             key = getattr(cause, "full_key", None)
             raise ConfigError(f"{key}: {_first_line(cause)}" if key else _first_line(cause or e)) from None
         except OmegaConfBaseException as e:  # an interpolation that does not resolve
             raise ConfigError(_first_line(e)) from None
+
+
+def _override_error(e: BaseException) -> ConfigError:
+    """Hydra's grammar error names neither the override nor the way out (`registry.reason=make train (stop 33)`)."""
+    override = getattr(e, "override", None)
+    if not override:
+        return ConfigError(_first_line(e))
+    reason = next((line for line in str(e).splitlines() if line and not line.startswith("Error parsing")), "")
+    return ConfigError(f"{override}: {reason}; quote a value with spaces and brackets or other punctuation: "
+                       "key='...' (in the shell: \"key='...'\")")
 
 
 def _first_line(e: BaseException) -> str:

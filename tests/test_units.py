@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 
 import pytest
 from hydra.errors import ConfigCompositionException
@@ -38,6 +39,13 @@ def test_config_overrides_are_typed_and_typos_fail(monkeypatch):
     assert FINETUNE.config(["site=cluster"]).train.use_gpu
     with pytest.raises(ConfigError, match="unknown config key store.colection for python -m jobs.index"):
         INDEX.config(["store.colection=x"])  # the same mistake on a job's command line: one line, naming the key
+    # free text as Hydra's grammar reads it: the message names the override and says how to quote it
+    for text in ("wiki (old)", "make train (stop 33)"):
+        with pytest.raises(ConfigError, match=rf"store.collection={re.escape(text)}: \w.*; quote a value .* key='...'"):
+            INDEX.config([f"store.collection={text}"])
+    with pytest.raises(ConfigError, match=r"'store.collection=a, b': a list is key=\[a,b\], text with a comma"):
+        INDEX.config(["store.collection=a, b"])
+    assert INDEX.config(["store.collection='wiki (old), b'"]).store.collection == "wiki (old), b"
 
 
 def test_chunks_respect_the_token_budget_and_overlap(tokenizer):

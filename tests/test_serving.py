@@ -268,21 +268,37 @@ def test_mixed_adapter_batches_and_eviction(base_url, serve_cfg):
     assert alone == [reference_answer(serve_cfg, m, logged[r["id"]]) for m, r in zip(models, replies)]
 
 
-def reference_answer(cfg, model: str, messages: list[dict]) -> str:
-    """Exactly 10 greedy tokens for `messages` from the base plus this adapter alone (`chat`: the base), through
-    Hugging Face's generate."""
-    import torch
-
+def _reference(cfg, model: str, messages: list[dict]):
+    """The base plus this adapter alone (`chat`: the base) in Hugging Face, and the prompt's token ids."""
     from tandem.models import load_for_inference, load_tokenizer, prepare_base
 
     base = prepare_base(cfg.model.path, cfg.model.cache_dir, cfg.model.dtype)
     adapter = Registry.from_config(cfg).download(model) if "@" in model else None
     llm, tokenizer = load_for_inference(base.path, adapter), load_tokenizer(base)
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    return llm, tokenizer, tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+
+
+def reference_answer(cfg, model: str, messages: list[dict]) -> str:
+    """Exactly 10 greedy tokens for `messages` through Hugging Face's generate."""
+    import torch
+
+    llm, tokenizer, ids = _reference(cfg, model, messages)
     with torch.no_grad():
-        out = llm.generate(**ids, max_new_tokens=10, min_new_tokens=10, do_sample=False)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        out = llm.generate(input_ids=ids, max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def greedy_gaps(cfg, model: str, messages: list[dict], answer: str) -> list[float]:
+    """For each token of a served answer, how far (in logits) it falls below Hugging Face's top choice given the
+    same prefix: 0 where both engines pick it, tiny at a near tie where they may fork."""
+    import torch
+
+    llm, tokenizer, ids = _reference(cfg, model, messages)
+    served = tokenizer(answer, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = llm(input_ids=torch.cat([ids, served], dim=1)).logits[0, ids.shape[1] - 1:-1]
+    return (logits.max(dim=-1).values - logits.gather(1, served[0].unsqueeze(1)).squeeze(1)).tolist()
 
 
 def _concurrent_run(base_url: str, models: list[str]) -> list[dict]:

@@ -291,7 +291,7 @@ def reference_answer(cfg, model: str, messages: list[dict]) -> str:
 
 def greedy_gaps(cfg, model: str, messages: list[dict], answer: str) -> list[float]:
     """For each token of a served answer, how far (in logits) it falls below Hugging Face's top choice given the
-    same prefix: 0 where both engines pick it, tiny at a near tie where they may fork."""
+    same prefix: 0 where both engines pick it, small at a near tie where they may fork."""
     import torch
 
     llm, tokenizer, ids = _reference(cfg, model, messages)

@@ -23,6 +23,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from tandem.answers import normalize
 from tandem.errors import NotInstalledError
 from tandem.evaluation import load_beir
 from tandem.facts import states
@@ -240,6 +241,17 @@ def _lower_first(description: str, words: Counter) -> str:
     return f"{lower} {rest}".strip() if words[lower] > words[first] else description
 
 
+# a country's other names, each a right answer: descriptions say "United States", "U.S." or "US" for one country,
+# and "U.S." for Houston was scored wrong against "United States" (punctuation aside, normalize makes U.S. "us")
+COUNTRY_NAMES = [("United States", "US", "USA", "United States of America"), ("United Kingdom", "UK")]
+
+
+def country_names(country: str) -> list[str]:
+    """The country as the description names it first (the label a passage states), then its other names."""
+    group = next((g for g in COUNTRY_NAMES if normalize(country) in map(normalize, g)), ())
+    return list(dict.fromkeys([country, *(n for n in group if normalize(n) != normalize(country))]))
+
+
 def wiki_questions(key: str, v: dict, unique: bool, words: Counter, rng: random.Random, phrasings: int) -> list[dict]:
     """Every question the article's description supports, each in `phrasings` wordings: its title (when the
     description names only this article), the year and maker of a work, the years of a life or period, the country
@@ -285,7 +297,7 @@ def wiki_questions(key: str, v: dict, unique: bool, words: Counter, rng: random.
             add("unstated", [question], [year])
     if (m := PLACE.match(desc)) and states(text, m.group(1)):  # as a word: "Indian state" does not say India
         add("place", [f"In which country is {title}?", f"Where is {title}? Name the country."][:phrasings],
-            [m.group(1)])
+            country_names(m.group(1)))
     return out
 
 

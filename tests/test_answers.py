@@ -229,6 +229,21 @@ def test_wiki_qa_is_split_by_document_with_unanswerable_questions(tmp_path):
     assert not any(r["question"].startswith("When was Snow White and the Seven Dwarfs (1937 film)") for r in rows)
 
 
+def test_a_country_named_another_way_is_a_right_answer():
+    def answers(desc: str) -> list[str]:
+        v = {"title": "Houston", "extract": f"Houston is a city in {desc.split(', ')[-1]}.", "description": desc}
+        [q] = [q for q in wiki_questions("houston", v, False, Counter(), random.Random(0), 1) if q["kind"] == "place"]
+        return q["answers"]
+
+    us = answers("City in Texas, United States")
+    assert us[0] == "United States" and {"US", "USA"} <= set(us)  # the description's name first: the label
+    assert answers("City in Texas, U.S.")[:2] == ["U.S.", "United States"] and answers("Town in Mali, Mali") == ["Mali"]
+    passages = [{"doc_id": "Houston", "text": "Houston is a city in the United States."}]
+    for said in ("U.S.", "the USA", "United States of America"):
+        reply = Reply.parse(json.dumps({"answer": said, "sources": [1]}))
+        assert score_answer(reply, us, ["Houston"], passages)["contains"] == 1.0, said
+
+
 def test_a_life_s_years_are_asked_only_where_the_summary_says_they_are_a_life_s():
     def years(extract: str, desc: str = "French novelist (1840–1902)", kind: str = "year") -> dict:
         v = {"title": "Émile Zola", "extract": extract, "description": desc, "topic": "People"}

@@ -23,10 +23,9 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from tandem.answers import normalize
 from tandem.errors import NotInstalledError
 from tandem.evaluation import load_beir
-from tandem.facts import states
+from tandem.facts import country_names, states
 from tandem.prompts import MAX_ANSWER_CHARS
 from tandem.splits import position
 
@@ -239,17 +238,6 @@ def _lower_first(description: str, words: Counter) -> str:
     first, _, rest = description.partition(" ")
     lower = first[:1].lower() + first[1:]
     return f"{lower} {rest}".strip() if words[lower] > words[first] else description
-
-
-# a country's other names, each a right answer: descriptions say "United States", "U.S." or "US" for one country,
-# and "U.S." for Houston was scored wrong against "United States" (punctuation aside, normalize makes U.S. "us")
-COUNTRY_NAMES = [("United States", "US", "USA", "United States of America"), ("United Kingdom", "UK")]
-
-
-def country_names(country: str) -> list[str]:
-    """The country as the description names it first (the label a passage states), then its other names."""
-    group = next((g for g in COUNTRY_NAMES if normalize(country) in map(normalize, g)), ())
-    return list(dict.fromkeys([country, *(n for n in group if normalize(n) != normalize(country))]))
 
 
 def wiki_questions(key: str, v: dict, unique: bool, words: Counter, rng: random.Random, phrasings: int) -> list[dict]:

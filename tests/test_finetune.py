@@ -199,6 +199,7 @@ def test_dpo_on_preference_pairs_learns_to_prefer_the_chosen_answers(ray_cluster
     [parent] = random_adapters(registry, base, "prefs-parent", 1, tmp_path / "parent", cfg.lora, seed=5)
     manifest = finetune_main([f"dataset=prefs@{pairs['version']}", "train.objective=dpo",
                               f"train.init_adapter={parent}", "train.name=prefs-dpo", "train.num_workers=1",
+                              "train.cpus_per_worker=2",  # both cores: Ray gives a worker a thread per CPU it asks
                               "train.deepspeed=null", "train.max_steps=8", "train.eval_every=4",
                               "train.batch_size=2", "train.max_length=96", "train.lr=5e-4", "train.dpo_beta=0.5"])
     # the loss at a zero margin is log 2: well below it, the policy separates the pairs by a wide margin

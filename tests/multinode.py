@@ -76,7 +76,7 @@ def main(workdir: str, milvus_uri: str, corpus: str, port: str, models: str) -> 
                          "dataset": f"numbers@{version}", "registered_dataset": registered.tags["dataset"]}
     lap("train")
 
-    # Serve: two LLM replicas asking for a GPU each, the base in 4-bit NF4 (as the site sets it); the Router and
+    # Serve: two LLM replicas asking for a GPU each (the HF engine: see below); the Router and
     # Retriever need none. Both deployments autoscale, held at two replicas here.
     from ray import serve
 

@@ -76,7 +76,8 @@ def main(workdir: str, milvus_uri: str, corpus: str, port: str, models: str) -> 
                          "dataset": f"numbers@{version}", "registered_dataset": registered.tags["dataset"]}
     lap("train")
 
-    # Serve: two LLM replicas asking for a GPU each (the HF engine: see below); the Router and
+    # Serve: two LLM replicas asking for a GPU each, the base in 4-bit NF4 on the HF engine (the one engine that
+    # serves 4-bit; two vLLM engines would not fit 3 CPUs, tests/test_vllm.py tests that one); the Router and
     # Retriever need none. Both deployments autoscale, held at two replicas here.
     from ray import serve
 
@@ -93,7 +94,7 @@ def main(workdir: str, milvus_uri: str, corpus: str, port: str, models: str) -> 
                                 "serve.llm.num_cpus=0.25", "serve.retriever.num_cpus=0.1",
                                 "serve.retriever.autoscaling={min_replicas: 2, max_replicas: 2}",
                                 "serve.router_replicas=1", "serve.controller=false",
-                                "serve.llm.engine=hf",  # two vLLM engines do not fit 3 CPUs; tests/test_vllm.py
+                                "serve.llm.engine=hf", "serve.llm.quantization=nf4",
                                 "serve.routes.assistant.collection=multinode"])
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": int(port)})
     serve.run(build_app(cfg), name="tandem", route_prefix="/")
